@@ -1,0 +1,145 @@
+"""Fine-tune a DETR-style detector whose backbone is a pretrained JEPA encoder.
+
+    python finetune.py --ckpt runs/pretrain/last.pt --data dota
+    python finetune.py --ckpt none --model mini --patch-size 8 ...      # from scratch, the baseline
+
+The detector (model.Detector) predicts one box and class scores at every cell of a stride-8 map; training matches
+each ground-truth box to exactly one cell (model.MinCostMatcher) and there is no NMS at inference. The model is
+evaluated on the val split every --eval-every epochs (evaluate.run_eval); OUT/best.pt keeps the best mAP50 and
+OUT/last.pt the latest weights. Both hold the model, the args and the class names that evaluate.py needs.
+"""
+import argparse
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import CLASSES, make_loader, resolve_data, to_input
+from evaluate import run_eval
+from model import PRESETS, Detector, MinCostMatcher, build_vit, detection_loss, lr_at, param_groups
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--ckpt', required=True, help="pretrain.py checkpoint, or 'none' to train from scratch")
+    ap.add_argument('--encoder', default='context', choices=['context', 'target'],
+                    help='which pretrained encoder becomes the backbone (default: %(default)s)')
+    ap.add_argument('--data', default=None, help="dataset folder or 'dota'/'synthetic'; default: the pretraining "
+                                                 "data (or 'dota' with --ckpt none)")
+    ap.add_argument('--classes', default=None, choices=list(CLASSES), help='class list; default: the pretraining '
+                                                                           "one (or 'dota1.0')")
+    ap.add_argument('--model', default=None, choices=list(PRESETS), help='ViT preset; read from --ckpt, '
+                                                                         "required with --ckpt none")
+    ap.add_argument('--patch-size', type=int, default=None, help='patch size; read from --ckpt (16 with none)')
+    ap.add_argument('--img-size', type=int, default=512, help='training crop side (default: %(default)s)')
+    ap.add_argument('--epochs', type=int, default=50, help='passes over the train split (default: %(default)s)')
+    ap.add_argument('--batch-size', type=int, default=16, help='images per step (default: %(default)s)')
+    ap.add_argument('--lr', type=float, default=2e-4, help='peak AdamW learning rate (default: %(default)s)')
+    ap.add_argument('--backbone-lr-scale', type=float, default=1.0,
+                    help='the backbone learns at lr x this (default: %(default)s)')
+    ap.add_argument('--warmup-epochs', type=float, default=2, help='linear warmup length (default: %(default)s)')
+    ap.add_argument('--weight-decay', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
+    ap.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth of the backbone '
+                                                                 '(default: %(default)s)')
+    ap.add_argument('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
+    ap.add_argument('--head-dim', type=int, default=128, help='width of the detection head (default: %(default)s)')
+    ap.add_argument('--eval-every', type=int, default=5, help='evaluate on val every N epochs and at the end '
+                                                              '(default: %(default)s)')
+    ap.add_argument('--conf', type=float, default=0.001, help='score floor at evaluation (default: %(default)s)')
+    ap.add_argument('--max-det', type=int, default=1000, help='top-K detections per image (default: %(default)s)')
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
+    ap.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'],
+                    help='autocast dtype on CUDA; the CPU always runs float32 (default: %(default)s)')
+    ap.add_argument('--workers', type=int, default=4, help='data-loader processes (default: %(default)s)')
+    ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    ap.add_argument('--out', default='runs/finetune', help='output folder (default: %(default)s)')
+    return ap.parse_args(argv)
+
+
+def build(args):
+    """The detector, with the pretrained encoder loaded when --ckpt is a file. Fills args from the checkpoint."""
+    state = None
+    if args.ckpt != 'none':
+        ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=False)
+        pa = ckpt['args']
+        for flag in ('model', 'patch_size'):
+            if getattr(args, flag) not in (None, pa[flag]):
+                raise SystemExit(f'--{flag.replace("_", "-")} {getattr(args, flag)} differs from the checkpoint '
+                                 f'({pa[flag]}); leave it unset')
+            setattr(args, flag, pa[flag])
+        args.data = args.data or pa['data']
+        args.classes = args.classes or pa['classes']
+        state = ckpt[args.encoder]
+    elif args.model is None:
+        raise SystemExit('--ckpt none needs --model (a preset: ' + ', '.join(PRESETS) + ')')
+    args.patch_size, args.data, args.classes = args.patch_size or 16, args.data or 'dota', args.classes or 'dota1.0'
+    backbone = build_vit(args.model, args.patch_size, args.drop_path)
+    if state is not None:
+        backbone.load_state_dict(state)  # strict: every key of the encoder must match
+    return Detector(backbone, len(CLASSES[args.classes]), args.head_dim)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.manual_seed(args.seed)
+    model = build(args)
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[args.dtype]
+    model.to(device)
+    class_names = CLASSES[args.classes]
+    root = resolve_data(args.data)
+    train_loader = make_loader(root, 'train', class_names, args.img_size, args.batch_size, True, args.workers,
+                               args.patch_size)
+    val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size)
+
+    groups = param_groups([(model.backbone, args.backbone_lr_scale), (model.neck, 1.0), (model.cls, 1.0),
+                           (model.box, 1.0)], args.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=args.lr)
+    scaler = torch.amp.GradScaler(enabled=cuda and amp_dtype == torch.float16)
+    matcher = MinCostMatcher()
+    print(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
+          f'stride {model.stride}, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images')
+
+    total, warmup = args.epochs * len(train_loader), int(args.warmup_epochs * len(train_loader))
+    os.makedirs(args.out, exist_ok=True)
+    best, step, t_start = -1.0, 0, time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True)
+        for images, targets in bar:
+            lr = lr_at(step, total, warmup, args.lr)
+            for g in opt.param_groups:
+                g['lr'] = lr * g['lr_scale']
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and amp_dtype != torch.float32):
+                out = model(to_input(images, device))
+                loss, parts = detection_loss(out, targets, matcher)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'loss is {loss.item()} at step {step}; lower --lr or use --dtype bfloat16')
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            bar.set_postfix(loss=f'{loss.item():.3f}', **{k: f'{v:.3f}' for k, v in parts.items()})
+        ckpt = {'model': model.state_dict(), 'args': vars(args), 'class_names': class_names, 'epoch': epoch + 1}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            res, table = run_eval(model, val_loader, class_names, device, args.conf, args.max_det, args.out)
+            has = res['n_gt'] > 0
+            map50 = float(res['ap'][has, 0].mean()) if has.any() else 0.0
+            print(f'epoch {epoch + 1} ({time.time() - t_start:.0f} s)\n{table}')
+            ckpt['map50'] = map50
+            if map50 > best:
+                best = map50
+                torch.save(ckpt, os.path.join(args.out, 'best.pt'))
+        torch.save(ckpt, os.path.join(args.out, 'last.pt'))
+    print(f'best val mAP50 {best:.3f}; saved {args.out}/best.pt and {args.out}/last.pt')
+
+
+if __name__ == '__main__':
+    main()
