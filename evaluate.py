@@ -210,7 +210,7 @@ def load_detector(path, device):
     return model.to(device), ckpt
 
 
-def main():
+def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--ckpt', required=True, help='a finetune.py checkpoint (best.pt or last.pt)')
     ap.add_argument('--data', default=None, help="dataset folder or name ('synthetic', 'dota'); default: the one "
@@ -230,7 +230,11 @@ def main():
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
     ap.add_argument('--workers', type=int, default=2, help='data-loader processes (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model, ckpt = load_detector(args.ckpt, device)

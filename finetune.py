@@ -20,7 +20,7 @@ from evaluate import run_eval
 from model import PRESETS, Detector, MinCostMatcher, build_vit, detection_loss, lr_at, param_groups
 
 
-def get_args(argv=None):
+def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--ckpt', required=True, help="pretrain.py checkpoint, or 'none' to train from scratch")
     ap.add_argument('--encoder', default='context', choices=['context', 'target'],
@@ -54,7 +54,7 @@ def get_args(argv=None):
     ap.add_argument('--workers', type=int, default=4, help='data-loader processes (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     ap.add_argument('--out', default='runs/finetune', help='output folder (default: %(default)s)')
-    return ap.parse_args(argv)
+    return ap
 
 
 def build(args):
@@ -81,7 +81,7 @@ def build(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args = get_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     model = build(args)
     device = torch.device(args.device)

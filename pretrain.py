@@ -25,7 +25,7 @@ from masking import make_masks
 from model import PRESETS, Predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
 
-def get_args(argv=None):
+def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--data', default='dota', help="dataset folder, or 'dota' (data/dota) or 'synthetic' "
                                                    '(data/synthetic, generated on first use) (default: %(default)s)')
@@ -56,7 +56,7 @@ def get_args(argv=None):
     ap.add_argument('--workers', type=int, default=4, help='data-loader processes (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     ap.add_argument('--out', default='runs/pretrain', help='output folder for last.pt (default: %(default)s)')
-    return ap.parse_args(argv)
+    return ap
 
 
 def jepa_loss(context, target, predictor, x, ctx_idx, tgt_idx):
@@ -73,7 +73,7 @@ def jepa_loss(context, target, predictor, x, ctx_idx, tgt_idx):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args = get_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     cuda = device.type == 'cuda'

@@ -1,0 +1,158 @@
+"""Label parsing (real DOTA sample and bad input), the Dataset's augmentations, and the synthetic generator."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import (CLASSES, DOTADataset, LabelError, collate, make_synthetic, parse_label_file, polys_to_boxes,
+                  random_crop, random_dihedral)
+
+V1 = CLASSES['dota1.0']
+
+
+def counts(labels, names=V1):
+    return {names[c]: int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
+
+
+# ------------------------------------------------------------------------------------------- real DOTA sample
+def test_p0706_header_crlf_and_counts(dota_sample):
+    path = dota_sample / 'labelTxt' / 'P0706.txt'
+    assert b'\r\n' in path.read_bytes() and path.read_text().startswith('imagesource:')
+    polys, labels, difficult = parse_label_file(path, V1)
+    assert counts(labels) == {'ship': 531, 'harbor': 5}
+    np.testing.assert_array_equal(polys[0], [1054, 1028, 1063, 1011, 1111, 1040, 1112, 1062])  # first object line
+    assert difficult[0] == 1 and len(difficult) == 536
+
+
+def test_p1888_boxes_inside_image(dota_sample):
+    polys, labels, _ = parse_label_file(dota_sample / 'labelTxt' / 'P1888.txt', V1)
+    with Image.open(dota_sample / 'images' / 'P1888.png') as im:
+        assert im.size == (712, 557)
+    boxes, keep = polys_to_boxes(polys, 712, 557)
+    assert keep.all() and len(boxes) == 64
+    assert (boxes[:, [0, 2]] >= 0).all() and (boxes[:, [0, 2]] <= 712).all()
+    assert (boxes[:, [1, 3]] >= 0).all() and (boxes[:, [1, 3]] <= 557).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+def test_out_of_image_coordinates_are_clipped(dota_sample):
+    polys, _, _ = parse_label_file(dota_sample / 'labelTxt' / 'P0706.txt', V1)
+    assert polys[:, 0::2].max() > 1111  # the file has x = 1112 on a 1111 px wide image
+    boxes, _ = polys_to_boxes(polys, 1111, 1182)
+    assert boxes[:, 2].max() == 1111
+
+
+def test_float_coordinates_and_labels_without_images(dota_sample):
+    _, labels, difficult = parse_label_file(dota_sample / 'labelTxt' / 'P0003.txt', V1)
+    assert counts(labels) == {'large-vehicle': 40, 'small-vehicle': 15} and (difficult == 1).sum() == 13
+    total = sum(len(parse_label_file(p, V1)[1]) for p in (dota_sample / 'labelTxt_without_images').glob('*.txt'))
+    assert total == 384
+
+
+def test_devkit_tile_loads_with_difficult_2_and_zero_area_dropped(dota_sample, tmp_path):
+    src = dota_sample / 'split_example'
+    polys, labels, difficult = parse_label_file(next((src / 'labelTxt').glob('*.txt')), V1)
+    assert len(labels) == 295 and (difficult == 2).sum() == 5
+    (tmp_path / 'val').mkdir()
+    for sub in ('images', 'labelTxt'):
+        (tmp_path / 'val' / sub).symlink_to(src / sub)
+    with pytest.warns(UserWarning, match='2 x zero-area'):
+        ds = DOTADataset(tmp_path, 'val', V1)
+    img, t = ds[0]
+    assert img.shape == (3, 1024, 1024) and img.dtype == torch.uint8
+    # kept and flagged: 3 with difficult=1 and 3 with difficult=2 (the other two are the zero-area polygons)
+    assert len(t['boxes']) == 293 and t['difficult'].sum() == 6
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize('line, message', [
+    ('1 2 3 4 5 6 7 8', 'expected'),  # too few tokens
+    ('1 2 3 4 5 6 x 8 ship 0', 'coordinates must be numbers'),
+    ('1 2 3 4 5 6 7 8 spaceship 0', "unknown class 'spaceship'; known: plane"),
+    ('1 2 3 4 5 6 7 8 ship hard', 'difficult flag'),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / 'bad.txt'
+    path.write_text(f'imagesource:x\ngsd:1\n0 0 1 0 1 1 0 1 ship 0\n{line}\n')
+    with pytest.raises(LabelError, match=message) as err:
+        parse_label_file(path, V1)
+    assert f'{path}:4' in str(err.value)
+
+
+def test_non_utf8_is_a_clear_error(tmp_path):
+    path = tmp_path / 'bin.txt'
+    path.write_bytes(b'\xff\xfe 1 2 3')
+    with pytest.raises(LabelError, match='not UTF-8'):
+        parse_label_file(path, V1)
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGBA', 'P'])
+def test_image_modes_become_rgb_and_missing_labels_are_counted(tmp_path, mode):
+    (tmp_path / 'train' / 'images').mkdir(parents=True)
+    (tmp_path / 'train' / 'labelTxt').mkdir()
+    Image.new(mode, (40, 30)).save(tmp_path / 'train' / 'images' / 'a.png')
+    with pytest.warns(UserWarning, match='1 x image without a label file'):
+        ds = DOTADataset(tmp_path, 'train', V1)
+    img, t = ds[0]
+    assert img.shape == (3, 30, 40) and len(t['boxes']) == 0
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no images in'):
+        DOTADataset(tmp_path, 'train', V1)
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+def box_of(img):
+    """Bounding box (x1, y1, x2, y2) of the nonzero pixels of (3, H, W)."""
+    ys, xs = torch.nonzero(img.sum(0)).unbind(1)
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_dihedral_moves_boxes_with_pixels():
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    img[:, 5:9, 20:30] = 255  # box x 20..30, y 5..9
+    seen = set()
+    for seed in range(60):
+        np.random.seed(seed)
+        out, boxes = random_dihedral(img, torch.tensor([[20.0, 5, 30, 9]]))
+        assert box_of(out) == boxes[0].tolist()
+        seen.add(tuple(boxes[0].tolist()))
+    assert len(seen) == 8  # all flips and rotations occur
+
+
+def test_random_crop_keeps_scale_and_clips():
+    img = torch.zeros(3, 100, 80, dtype=torch.uint8)
+    img[:, 40:60, 30:50] = 255
+    for seed in range(20):
+        np.random.seed(seed)
+        out, boxes, keep = random_crop(img, torch.tensor([[30.0, 40, 50, 60]]), 48)
+        assert out.shape == (3, 48, 48)
+        if keep.any():
+            assert box_of(out) == boxes[0].tolist()
+        else:
+            assert out.sum() == 0
+    out, boxes, keep = random_crop(img[:, :20, :20], torch.tensor([[2.0, 3, 10, 12]]), 48)  # smaller: padded
+    assert out.shape == (3, 48, 48) and boxes[0].tolist() == [2, 3, 10, 12]
+
+
+def test_collate_pads_to_a_multiple_of_the_patch():
+    a = (torch.ones(3, 30, 20, dtype=torch.uint8), {'boxes': torch.zeros(0, 4)})
+    b = (torch.ones(3, 10, 40, dtype=torch.uint8), {'boxes': torch.zeros(2, 4)})
+    images, targets = collate([a, b], multiple=16)
+    assert images.shape == (2, 3, 32, 48) and images[0, :, 30:].sum() == 0 and len(targets[1]['boxes']) == 2
+
+
+# ------------------------------------------------------------------------------------------- synthetic data
+def test_synthetic_is_deterministic_dota_format(tmp_path):
+    make_synthetic(tmp_path / 'a', n_train=6, n_val=2, size=96, seed=3)
+    make_synthetic(tmp_path / 'b', n_train=6, n_val=2, size=96, seed=3)
+    for f in sorted((tmp_path / 'a' / 'train' / 'labelTxt').glob('*.txt')):
+        assert f.read_bytes() == (tmp_path / 'b' / 'train' / 'labelTxt' / f.name).read_bytes()
+    ds = DOTADataset(tmp_path / 'a', 'train', V1)
+    sizes = np.concatenate([np.sqrt((t['boxes'][:, 2:] - t['boxes'][:, :2]).prod(1)) for t in ds.targets])
+    names = {V1[c] for t in ds.targets for c in t['labels']}
+    assert len(sizes) >= 20 and 4 <= sizes.min() and sizes.max() <= 60
+    assert len(names) >= 3 and names <= set(V1)
+    img, _ = ds[0]
+    assert img.shape == (3, 96, 96)

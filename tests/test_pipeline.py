@@ -1,0 +1,52 @@
+"""The whole chain through the command lines, at toy size: synth -> pretrain -> finetune -> evaluate."""
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, cwd):
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f'{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
+    return p.stdout
+
+
+@pytest.mark.parametrize('script', ['pretrain', 'finetune', 'evaluate'])
+def test_every_flag_is_documented(script):
+    parser = importlib.import_module(script).get_parser()
+    actions = [a for a in parser._actions if a.dest != 'help']
+    assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
+    common = {'data', 'model', 'img_size', 'patch_size', 'batch_size', 'device', 'workers', 'seed', 'out'}
+    assert common <= {a.dest for a in actions}
+    assert 'synth' in run(ROOT / 'data.py', '--help', cwd=ROOT)
+
+
+def test_chain_end_to_end(tmp_path):
+    data = tmp_path / 'synth'
+    run(ROOT / 'data.py', 'synth', '--out', data, '--n-train', 16, '--n-val', 4, '--size', 64, cwd=tmp_path)
+    common = ['--img-size', 64, '--batch-size', 8, '--workers', 0, '--device', 'cpu']
+    out = run(ROOT / 'pretrain.py', '--data', data, '--model', 'test', '--patch-size', 8, '--epochs', 2,
+              '--out', tmp_path / 'pre', *common, cwd=tmp_path)
+    assert 'epoch 2: loss' in out and (tmp_path / 'pre' / 'last.pt').exists()
+    out = run(ROOT / 'finetune.py', '--ckpt', tmp_path / 'pre' / 'last.pt', '--epochs', 2, '--eval-every', 1,
+              '--head-dim', 32, '--out', tmp_path / 'ft', *common, cwd=tmp_path)
+    assert 'best val mAP50' in out
+    out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--workers', 0, '--json',
+              tmp_path / 'e.json', cwd=tmp_path)
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith('Class'))
+    assert lines[head].split() == ['Class', '#GT', '#Pred', 'Precision', 'Recall', 'mAP50', 'mAP50-95']
+    assert lines[head + 1].split()[0] == 'All'
+    result = json.loads((tmp_path / 'e.json').read_text())
+    assert 0 <= result['map50'] <= 1 and result['classes']
+    for k in range(1):
+        assert (tmp_path / 'ft' / f'val_batch{k}_labels.jpg').exists()
+        assert (tmp_path / 'ft' / f'val_batch{k}_pred.jpg').exists()
+    # from scratch
+    out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data', data,
+              '--epochs', 1, '--head-dim', 32, '--out', tmp_path / 'scratch', *common, cwd=tmp_path)
+    assert 'best val mAP50' in out
