@@ -93,7 +93,7 @@ class DOTADataset(torch.utils.data.Dataset):
     train=True: random crop to img_size (object scale kept, padded with zeros when the image is smaller) and a
     random element of the dihedral group (flips and 90 degree rotations). train=False: the whole image.
     Item: (image uint8 (3, H, W), {'boxes': (n, 4) float32 xyxy px, 'labels': (n,) int64, 'difficult': (n,) bool,
-    'name': str}).
+    'name': str, 'size': (H, W)}).
     """
 
     def __init__(self, root, split, class_names, img_size=512, train=False):
@@ -111,8 +111,7 @@ class DOTADataset(torch.utils.data.Dataset):
                 polys, labels, diff = np.zeros((0, 8), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
             else:
                 polys, labels, diff = parse_label_file(lbl, class_names)
-            with Image.open(f) as im:  # reads the header only
-                w, h = im.size
+            w, h = read_image(f, header_only=True)
             boxes, keep = polys_to_boxes(polys, w, h)
             skipped['zero-area or out-of-image object (dropped)'] += int((~keep).sum())
             self.targets.append({'boxes': boxes[keep], 'labels': labels[keep], 'difficult': diff[keep] > 0})
@@ -124,22 +123,33 @@ class DOTADataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
-            img = torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)  # grayscale/RGBA/palette -> RGB
+        img = read_image(self.files[i])
         t = self.targets[i]
         boxes, labels, diff = torch.from_numpy(t['boxes']), torch.from_numpy(t['labels']), torch.from_numpy(t['difficult'])
         if self.train:
             img, boxes, keep = random_crop(img, boxes, self.img_size)
             labels, diff = labels[keep], diff[keep]
             img, boxes = random_dihedral(img, boxes)
-        return img, {'boxes': boxes, 'labels': labels, 'difficult': diff, 'name': self.files[i].stem}
+        return img, {'boxes': boxes, 'labels': labels, 'difficult': diff, 'name': self.files[i].stem,
+                     'size': tuple(img.shape[1:])}
+
+
+def read_image(path, header_only=False):
+    """-> uint8 (3, H, W) RGB (grayscale, RGBA and palette images are converted), or (W, H) if header_only."""
+    try:
+        with Image.open(path) as im:
+            if header_only:
+                return im.size
+            return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
+    except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for missing, truncated or corrupt files
+        raise ValueError(f'{path}: cannot read the image ({e})') from None
 
 
 def random_crop(img, boxes, size):
     """Crop (3, H, W) to (3, size, size) at a random place, zero-padding a smaller image; boxes are shifted and
     clipped, and those left with less than 1 px of width or height are dropped (keep mask returned)."""
     _, h, w = img.shape
-    top, left = np.random.randint(0, max(h - size, 0) + 1), np.random.randint(0, max(w - size, 0) + 1)
+    top, left = (int(torch.randint(0, max(n - size, 0) + 1, ())) for n in (h, w))  # torch RNG: seeded per worker
     out = img.new_zeros(3, size, size)
     crop = img[:, top:top + size, left:left + size]
     out[:, :crop.shape[1], :crop.shape[2]] = crop
@@ -152,11 +162,12 @@ def random_crop(img, boxes, size):
 def random_dihedral(img, boxes):
     """One of the 8 flips/rotations by 90 degrees, uniformly: transpose (square images only), then h/v flips."""
     _, h, w = img.shape
-    if h == w and np.random.rand() < 0.5:
+    flip = torch.rand(3) < 0.5
+    if h == w and flip[0]:
         img, boxes = img.transpose(1, 2), boxes[:, [1, 0, 3, 2]]
-    if np.random.rand() < 0.5:
+    if flip[1]:
         img, boxes = img.flip(2), torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
-    if np.random.rand() < 0.5:
+    if flip[2]:
         img, boxes = img.flip(1), torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], 1)
     return img, boxes
 

@@ -190,8 +190,7 @@ def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_d
     for k, (images, targets) in enumerate(loader):
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
             out = model(to_input(images, device))
-        sizes = [tuple(images.shape[-2:])] * len(images)
-        dets = postprocess(out, max_det, conf, sizes)
+        dets = postprocess(out, max_det, conf, [t['size'] for t in targets])  # boxes clipped to the unpadded image
         preds += dets
         gts += targets
         if out_dir is not None and k < n_pictures:

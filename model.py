@@ -316,24 +316,19 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in the batch.
     -> (total loss, dict of detached terms for logging)."""
     logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
-    B, M, C = logits.shape
-    cls_target = torch.zeros_like(logits, dtype=torch.float32)  # (B, M, C)
+    is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, M, C)
     src, tgt = [], []
     for b, t in enumerate(targets):  # one matching per image: boxes per image differ in number
         gt_boxes, gt_labels = t['boxes'].to(boxes.device).float(), t['labels'].to(boxes.device)
         if len(gt_boxes) == 0:
             continue
         pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres, gt_boxes, gt_labels, stride)
-        cls_target[b, pi, gt_labels[gi]] = 1.0
+        is_pos[b, pi, gt_labels[gi]] = True
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
     n = max(sum(len(t['boxes']) for t in targets), 1)
-    x = logits.float()
-    p = x.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(x, cls_target, reduction='none')
-    p_t = p * cls_target + (1 - p) * (1 - cls_target)
-    a_t = alpha * cls_target + (1 - alpha) * (1 - cls_target)
-    loss_cls = (a_t * ce * (1 - p_t) ** gamma).sum() / n
+    pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, M, C) each
+    loss_cls = torch.where(is_pos, pos, neg).sum() / n
     if src:
         src, tgt = torch.cat(src), torch.cat(tgt)
         loss_l1 = (src - tgt).abs().sum() / stride / n

@@ -131,7 +131,6 @@ def test_matcher_gives_neighbouring_cells_to_objects_sharing_a_cell():
 
 def test_detector_overfits_one_synthetic_image(tmp_path):
     torch.manual_seed(0)
-    np.random.seed(0)
     make_synthetic(tmp_path, n_train=1, n_val=0, size=64, seed=5)
     img, t = DOTADataset(tmp_path, 'train', CLASSES['dota1.0'])[0]
     assert len(t['boxes']) >= 3
