@@ -202,7 +202,7 @@ def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_d
 
 def load_detector(path, device):
     """A Detector from a finetune.py checkpoint -> (model, the checkpoint's args dict)."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
     a = ckpt['args']
     model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'])
     model.load_state_dict(ckpt['model'])

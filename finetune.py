@@ -61,7 +61,7 @@ def build(args):
     """The detector, with the pretrained encoder loaded when --ckpt is a file. Fills args from the checkpoint."""
     state = None
     if args.ckpt != 'none':
-        ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=False)
+        ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
         pa = ckpt['args']
         for flag in ('model', 'patch_size'):
             if getattr(args, flag) not in (None, pa[flag]):
