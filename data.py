@@ -1,22 +1,29 @@
-"""DOTA data: label parsing, a training Dataset, and a synthetic DOTA-format generator.
+"""DOTA data for training: class lists, label files, images, the Dataset and its loader; the data.py command line.
 
-    python data.py synth --out data/synthetic      # deterministic synthetic dataset in DOTA format
+    python data.py split --src DOTA/train --dst data/dota/train    # cut full images into 1024^2 tiles + manifest
+    python data.py check --data data/dota                          # statistics and every problem found
+    python data.py synth --out data/synthetic                      # deterministic synthetic DOTA-format data
+(the three commands are implemented in prepare.py)
 
-Layout read everywhere:  ROOT/{train,val}/images/*.png|jpg|tif  and  ROOT/{train,val}/labelTxt/*.txt
-A label line is  `x1 y1 x2 y2 x3 y3 x4 y4 class [difficult]`  (a polygon, pixels), optionally preceded by the
-header lines `imagesource:...` and `gsd:...`. Polygons become axis-aligned boxes x1 y1 x2 y2 clipped to the image.
-Images are returned as uint8; `to_input` turns a batch into normalized floats on the device, so a GPU gets
-4x fewer bytes over PCIe.
+Layout read everywhere:  ROOT/{train,val}/images/*.png|jpg|tif  and  ROOT/{train,val}/labelTxt/*.txt, or a
+ROOT/{train,val}/manifest.json written by `split`. A label line is `x1 y1 x2 y2 x3 y3 x4 y4 class [difficult]` (a
+polygon, pixels), optionally after the header lines `imagesource:...` and `gsd:...`. Polygons become axis-aligned
+boxes x1 y1 x2 y2 clipped to the image. Malformed lines are errors naming the file and line; repaired or skipped
+objects and files are counted (Problems) and reported, and --strict makes them errors.
+Images stay uint8 until `to_input` turns a batch into normalized floats on the device (4x fewer bytes to copy).
 """
 import argparse
 import functools
+import json
+import os
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 DOTA_V1 = ['plane', 'baseball-diamond', 'bridge', 'ground-track-field', 'small-vehicle', 'large-vehicle', 'ship',
            'tennis-court', 'basketball-court', 'storage-tank', 'soccer-ball-field', 'roundabout', 'harbor',
@@ -29,20 +36,51 @@ MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, the usual choice for ViT in
 STD = (0.229, 0.224, 0.225)
 
 
+Image.MAX_IMAGE_PIXELS = 30000 * 30000  # deliberately above Pillow's 89 Mpx bomb guard: DOTA v2.0 has 20,000^2 images
+
+
 class LabelError(ValueError):
     """A label file that cannot be read; the message names the file and line."""
 
 
+class Problems:
+    """Counts every object or file that was skipped or repaired, keeps the first few places of each kind, and in
+    strict mode turns the first one into an error. Nothing is dropped without being counted here."""
+
+    def __init__(self, strict=False):
+        self.strict, self.counts, self.places = strict, Counter(), {}
+
+    def add(self, kind, where, n=1):
+        if self.strict:
+            raise LabelError(f'{where}: {kind} (an error under --strict)')
+        self.counts[kind] += n
+        places = self.places.setdefault(kind, [])
+        if len(places) < 3:
+            places.append(where)
+
+    def merge(self, other):
+        for kind, n in other.counts.items():
+            self.counts[kind] += n
+            places = self.places.setdefault(kind, [])
+            places += other.places[kind][:3 - len(places)]
+
+    def report(self):
+        return '\n'.join(f'  {n} x {kind}, e.g. {"; ".join(self.places[kind])}' for kind, n in self.counts.items())
+
+
 # ----------------------------------------------------------------------------------------------- label files
 def parse_label_file(path, class_names):
-    """Read one DOTA label file -> polys (n, 8) float32, labels (n,) int64, difficult (n,) int64."""
+    """Read one DOTA label file -> polys (n, 8) float32, labels (n,) int64, difficult (n,) int64, line numbers (n,).
+    Header lines, blank lines, CRLF and a UTF-8 BOM are fine; anything else that is not an object line is an error."""
     path = Path(path)
+    raw = path.read_bytes()
     try:
-        text = path.read_bytes().decode('utf-8')
+        text = raw.decode('utf-8-sig')
     except UnicodeDecodeError as e:
-        raise LabelError(f'{path}: not UTF-8 text ({e})') from None
+        line = raw[:e.start].count(b'\n') + 1
+        raise LabelError(f'{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x} at offset {e.start})') from None
     index = {name: i for i, name in enumerate(class_names)}
-    polys, labels, difficult = [], [], []
+    polys, labels, difficult, linenos = [], [], [], []
     for lineno, line in enumerate(text.splitlines(), 1):  # splitlines handles CRLF
         tok = line.split()
         if not tok or tok[0].lower().startswith(('imagesource:', 'gsd:')):
@@ -55,30 +93,72 @@ def parse_label_file(path, class_names):
         except ValueError:
             raise LabelError(f'{where}: coordinates must be numbers, got {" ".join(tok[:8])!r}') from None
         if tok[8] not in index:
-            raise LabelError(f'{where}: unknown class {tok[8]!r}; known: {", ".join(class_names)}')
+            sets = [k for k, names in CLASSES.items() if tok[8] in names]
+            hint = f' It is a {"/".join(sets)} class: use --classes {sets[0]}.' if sets else ''
+            raise LabelError(f'{where}: unknown class {tok[8]!r}.{hint} Known: {", ".join(class_names)}')
         labels.append(index[tok[8]])
         try:
             difficult.append(int(tok[9]) if len(tok) == 10 else 0)
         except ValueError:
             raise LabelError(f'{where}: difficult flag must be an integer, got {tok[9]!r}') from None
+        linenos.append(lineno)
     return (np.asarray(polys, np.float32).reshape(-1, 8), np.asarray(labels, np.int64),
-            np.asarray(difficult, np.int64))
+            np.asarray(difficult, np.int64), np.asarray(linenos, np.int64))
 
 
-def polys_to_boxes(polys, width, height):
-    """(n, 8) polygons -> (n, 4) boxes x1 y1 x2 y2 clipped to the image, and a keep mask (n,) that is False
-    for zero-area polygons and boxes that are empty after clipping."""
+def polygon_area(pts):
+    """Shoelace area of polygons (n, K, 2) -> (n,)."""
+    x, y = pts[..., 0], pts[..., 1]
+    return 0.5 * np.abs((x * np.roll(y, -1, -1) - np.roll(x, -1, -1) * y).sum(-1))
+
+
+def load_labels(path, class_names, width, height, problems, as_polygons=False):
+    """Parse a label file for a width x height image. Zero-area polygons are dropped and objects reaching outside
+    the image are clipped, each counted in `problems` with its file and line.
+    -> boxes (n, 4) float32 xyxy (or the polygons (n, 8) if as_polygons), labels (n,) int64, difficult (n,) int64."""
+    polys, labels, difficult, linenos = parse_label_file(path, class_names)
     xs, ys = polys[:, 0::2], polys[:, 1::2]  # (n, 4) each
     boxes = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1).clip(0, [width, height, width, height])
-    area = 0.5 * np.abs((xs * np.roll(ys, -1, 1) - np.roll(xs, -1, 1) * ys).sum(1))  # shoelace
-    keep = (area > 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return boxes.astype(np.float32), keep
+    keep = (polygon_area(polys.reshape(-1, 4, 2)) > 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    outside = keep & ((xs < 0) | (xs > width) | (ys < 0) | (ys > height)).any(1)
+    for kind, mask in (('zero-area or out-of-image polygon (dropped)', ~keep),
+                       ('object reaching outside the image (clipped)', outside)):
+        if mask.any():
+            problems.add(kind, f'{path}:{linenos[mask][0]}', int(mask.sum()))
+    return (polys if as_polygons else boxes.astype(np.float32))[keep], labels[keep], difficult[keep]
+
+
+TILE_NAME = re.compile(r'^(?P<id>.+)__(?P<rate>[0-9.]+)__(?P<left>\d+)___(?P<top>\d+)$')
+
+
+def parse_tile_name(name):
+    """'P0706__1__0___824' -> ('P0706', 1.0, 0, 824): image id, rate, left, top (DOTA_devkit's tile names)."""
+    m = TILE_NAME.match(name)
+    if m is None:
+        raise ValueError(f'{name!r} is not a tile name of the form <id>__<rate>__<left>___<top>')
+    return m['id'], float(m['rate']), int(m['left']), int(m['top'])
+
+
+def read_image(path, header_only=False):
+    """-> uint8 (H, W, 3) RGB, or (W, H) if header_only. Grayscale, RGBA and palette images are converted; 16-bit
+    images are scaled linearly from 0..65535 to 0..255 (Pillow's own conversion would clip them)."""
+    try:
+        with Image.open(path) as im:
+            if header_only:
+                return im.size
+            if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+                a = (np.asarray(im, np.float64) / 257).clip(0, 255).round().astype(np.uint8)
+                return np.repeat(a[..., None], 3, 2)
+            return np.array(im.convert('RGB'))
+    except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for missing, truncated or corrupt files
+        raise ValueError(f'{path}: cannot read the image ({e})') from None
 
 
 def resolve_data(data):
     """--data accepts a folder or a name: 'dota' -> data/dota, 'synthetic' -> data/synthetic (made on first use)."""
     root = Path({'dota': 'data/dota', 'synthetic': 'data/synthetic'}.get(data, data))
     if data == 'synthetic' and not (root / '.complete').exists():
+        from prepare import make_synthetic  # here: prepare imports this module
         print(f'generating the synthetic dataset in {root} (once)')
         make_synthetic(root)
     if not root.is_dir():
@@ -96,34 +176,52 @@ class DOTADataset(torch.utils.data.Dataset):
     'name': str, 'size': (H, W)}).
     """
 
-    def __init__(self, root, split, class_names, img_size=512, train=False):
-        img_dir, lbl_dir = Path(root) / split / 'images', Path(root) / split / 'labelTxt'
+    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False):
+        self.class_names, self.img_size, self.train = class_names, img_size, train
+        folder = Path(root) / split
+        if (folder / 'manifest.json').exists():  # written by `data.py split`: one file instead of one per tile
+            self.files, self.targets = self._from_manifest(folder / 'manifest.json')
+            return
+        img_dir, lbl_dir = folder / 'images', folder / 'labelTxt'
         self.files = sorted(p for p in img_dir.glob('*') if p.suffix.lower() in IMG_EXTS)
         if not self.files:
             raise FileNotFoundError(f'no images in {img_dir}; expected ROOT/{split}/images/*.png|jpg|tif '
                                     f'with labels in ROOT/{split}/labelTxt/<same name>.txt')
-        self.class_names, self.img_size, self.train = class_names, img_size, train
-        self.targets, skipped = [], Counter()
+        problems, self.targets = Problems(strict), []
+        for stem in sorted({p.stem for p in lbl_dir.glob('*.txt')} - {f.stem for f in self.files}):
+            problems.add('label file without an image (skipped)', str(lbl_dir / f'{stem}.txt'))
         for f in self.files:
             lbl = lbl_dir / (f.stem + '.txt')
-            if not lbl.exists():
-                skipped['image without a label file (taken as no objects)'] += 1
-                polys, labels, diff = np.zeros((0, 8), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            if lbl.exists():
+                w, h = read_image(f, header_only=True)
+                boxes, labels, diff = load_labels(lbl, class_names, w, h, problems)
             else:
-                polys, labels, diff = parse_label_file(lbl, class_names)
-            w, h = read_image(f, header_only=True)
-            boxes, keep = polys_to_boxes(polys, w, h)
-            skipped['zero-area or out-of-image object (dropped)'] += int((~keep).sum())
-            self.targets.append({'boxes': boxes[keep], 'labels': labels[keep], 'difficult': diff[keep] > 0})
-        for what, n in skipped.items():
-            if n:
-                warnings.warn(f'{img_dir.parent}: {n} x {what}')
+                problems.add('image without a label file (no objects)', str(f))
+                boxes, labels, diff = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            self.targets.append({'boxes': boxes, 'labels': labels, 'difficult': diff > 0})
+        for kind, n in problems.counts.items():
+            warnings.warn(f'{folder}: {n} x {kind}, e.g. {problems.places[kind][0]}')
+
+    def _from_manifest(self, path):
+        m = json.loads(path.read_text())
+        index = {name: i for i, name in enumerate(self.class_names)}
+        files, targets = [], []
+        for t in m['tiles']:
+            unknown = set(t.get('labels', [])) - set(index)
+            if unknown:
+                raise LabelError(f'{path}: tile {t["name"]} has classes {sorted(unknown)} that are not in the class '
+                                 f'list ({len(self.class_names)} classes); pass the --classes it was split with')
+            files.append(path.parent / t['file'])
+            targets.append({'boxes': np.asarray(t.get('boxes', []), np.float32).reshape(-1, 4),
+                            'labels': np.asarray([index[c] for c in t.get('labels', [])], np.int64),
+                            'difficult': np.asarray(t.get('difficult', []), np.int64).reshape(-1) > 0})
+        return files, targets
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        img = read_image(self.files[i])
+        img = torch.from_numpy(read_image(self.files[i])).permute(2, 0, 1)  # (3, H, W) uint8
         t = self.targets[i]
         boxes, labels, diff = torch.from_numpy(t['boxes']), torch.from_numpy(t['labels']), torch.from_numpy(t['difficult'])
         if self.train:
@@ -132,17 +230,6 @@ class DOTADataset(torch.utils.data.Dataset):
             img, boxes = random_dihedral(img, boxes)
         return img, {'boxes': boxes, 'labels': labels, 'difficult': diff, 'name': self.files[i].stem,
                      'size': tuple(img.shape[1:])}
-
-
-def read_image(path, header_only=False):
-    """-> uint8 (3, H, W) RGB (grayscale, RGBA and palette images are converted), or (W, H) if header_only."""
-    try:
-        with Image.open(path) as im:
-            if header_only:
-                return im.size
-            return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
-    except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for missing, truncated or corrupt files
-        raise ValueError(f'{path}: cannot read the image ({e})') from None
 
 
 def random_crop(img, boxes, size):
@@ -197,108 +284,7 @@ def to_input(images, device):
     return (x - mean) / torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
 
-# ----------------------------------------------------------------------------------------------- synthetic data
-SYNTH_CLASSES = ['small-vehicle', 'large-vehicle', 'ship', 'storage-tank', 'plane']
-ASPECT = {'small-vehicle': 0.5, 'large-vehicle': 0.33, 'ship': 0.28, 'storage-tank': 1.0, 'plane': 1.0}  # width/length
-
-
-def _rect(cx, cy, length, width, angle):
-    """Corners (4, 2) of a length x width rectangle centred at (cx, cy), long side at `angle` radians."""
-    c, s = np.cos(angle), np.sin(angle)
-    local = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [length / 2, width / 2]
-    return local @ np.array([[c, s], [-s, c]]) + [cx, cy]
-
-
-def _draw_object(draw, rng, name, cx, cy, size, angle):
-    """Draw one object whose oriented box is _rect(cx, cy, size, size * ASPECT[name], angle)."""
-    grey = int(rng.integers(170, 250))
-    if name == 'small-vehicle':
-        colour = tuple(int(v) for v in rng.choice([[200, 30, 30], [235, 235, 235], [30, 60, 160], [25, 25, 25],
-                                                   [150, 150, 160]]))
-        draw.polygon([tuple(p) for p in _rect(cx, cy, size, size * 0.5, angle)], fill=colour)
-        draw.polygon([tuple(p) for p in _rect(cx + 0.15 * size * np.cos(angle), cy + 0.15 * size * np.sin(angle),
-                                               size * 0.2, size * 0.4, angle)], fill=(90, 110, 130))  # windscreen
-    elif name == 'large-vehicle':
-        draw.polygon([tuple(p) for p in _rect(cx, cy, size, size * 0.33, angle)], fill=(grey, grey, grey))
-        cab = _rect(cx + 0.4 * size * np.cos(angle), cy + 0.4 * size * np.sin(angle), size * 0.2, size * 0.33, angle)
-        draw.polygon([tuple(p) for p in cab], fill=tuple(int(v) for v in rng.integers(40, 220, 3)))
-    elif name == 'ship':
-        poly = _rect(cx, cy, size, size * 0.28, angle)
-        c, s = np.cos(angle), np.sin(angle)
-        bow = (cx + 0.5 * size * c, cy + 0.5 * size * s)
-        hull = [tuple(poly[0]), tuple(poly[1] - [0.2 * size * c, 0.2 * size * s]), bow,
-                tuple(poly[2] - [0.2 * size * c, 0.2 * size * s]), tuple(poly[3])]
-        draw.polygon(hull, fill=(grey, grey, grey - 20), outline=(60, 60, 70))
-        draw.line([tuple(p) for p in _rect(cx, cy, size * 0.5, 1, angle)[[0, 1]]], fill=(110, 90, 70), width=2)
-    elif name == 'storage-tank':
-        r = size / 2
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(grey, grey, grey), outline=(80, 80, 80), width=2)
-        draw.ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], outline=(120, 120, 120))
-    else:  # plane: fuselage, wings, tail
-        c, s = np.cos(angle), np.sin(angle)
-        for length, width, off in ((size, size * 0.14, 0), (size * 0.16, size, 0.05), (size * 0.1, size * 0.4, -0.42)):
-            draw.polygon([tuple(p) for p in _rect(cx + off * size * c, cy + off * size * s, length, width, angle)],
-                         fill=(grey, grey, grey))
-
-
-def _ground(rng, size):
-    """Textured ground (size, size, 3) uint8: a base colour, low-frequency blotches and pixel noise."""
-    base = rng.choice([[95, 120, 70], [140, 120, 90], [120, 120, 115], [70, 90, 80]]).astype(np.float32)
-    low = Image.fromarray(rng.integers(0, 255, (6, 6), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
-    img = base + (np.asarray(low, np.float32)[..., None] - 128) * 0.25 + rng.normal(0, 6, (size, size, 3))
-    return img.clip(0, 255).astype(np.uint8)
-
-
-def synth_image(rng, size):
-    """One synthetic image and its objects: single objects of all classes, plus dense rows of vehicles/ships."""
-    img = Image.fromarray(_ground(rng, size))
-    draw = ImageDraw.Draw(img)
-    occupied = np.zeros((size, size), bool)
-    objects = []
-    size_range = {'small-vehicle': (6, 11), 'large-vehicle': (14, 26), 'ship': (12, 40), 'storage-tank': (8, 28),
-                  'plane': (18, 40)}
-
-    def place(name, cx, cy, s, angle):
-        poly = _rect(cx, cy, s, s * ASPECT[name], 0.0 if name == 'storage-tank' else angle)
-        x0, y0 = np.floor(poly.min(0)).astype(int) - 1  # a 1 px margin so that objects never touch
-        x1, y1 = np.ceil(poly.max(0)).astype(int) + 1
-        if x0 < 0 or y0 < 0 or x1 > size or y1 > size or occupied[y0:y1, x0:x1].any():
-            return
-        occupied[y0:y1, x0:x1] = True
-        _draw_object(draw, rng, name, cx, cy, s, angle)
-        objects.append((poly, name))
-
-    for _ in range(int(rng.integers(0, 4))):  # dense rows: parking lines of cars or trucks, moored ships
-        name = str(rng.choice(['small-vehicle', 'small-vehicle', 'large-vehicle', 'ship']))
-        s = float(rng.uniform(*size_range[name])) if name != 'ship' else float(rng.uniform(12, 20))
-        row_angle = float(rng.choice([0, np.pi / 2]) + rng.normal(0, 0.1))
-        step = s * ASPECT[name] + 3
-        x, y = rng.uniform(0, size, 2)
-        for k in range(int(rng.integers(3, 9))):
-            place(name, x + k * step * np.cos(row_angle), y + k * step * np.sin(row_angle), s, row_angle + np.pi / 2)
-    for _ in range(int(rng.integers(4, 15))):  # scattered single objects
-        name = str(rng.choice(SYNTH_CLASSES))
-        s = float(rng.uniform(*size_range[name]))
-        place(name, *rng.uniform(0, size, 2), s, float(rng.uniform(0, np.pi)))
-    return img, objects
-
-
-def make_synthetic(out, n_train=400, n_val=100, size=128, seed=0):
-    """Write a deterministic synthetic dataset in DOTA format: OUT/{train,val}/{images/*.png,labelTxt/*.txt}."""
-    out = Path(out)
-    for split, n, split_id in (('train', n_train, 0), ('val', n_val, 1)):
-        (out / split / 'images').mkdir(parents=True, exist_ok=True)
-        (out / split / 'labelTxt').mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            img, objects = synth_image(np.random.default_rng([seed, split_id, i]), size)
-            img.save(out / split / 'images' / f'S{i:05d}.png')
-            lines = ['imagesource:synthetic', 'gsd:1.0']
-            lines += [' '.join(f'{v:.1f}' for v in poly.ravel()) + f' {name} 0' for poly, name in objects]
-            (out / split / 'labelTxt' / f'S{i:05d}.txt').write_text('\n'.join(lines) + '\n')
-    (out / '.complete').write_text(f'n_train={n_train} n_val={n_val} size={size} seed={seed}\n')
-
-
-if __name__ == '__main__':
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest='cmd', required=True)
     sp = sub.add_parser('synth', help='write the synthetic DOTA-format dataset')
@@ -307,6 +293,46 @@ if __name__ == '__main__':
     sp.add_argument('--n-val', type=int, default=100, help='number of validation images (default: %(default)s)')
     sp.add_argument('--size', type=int, default=128, help='image side in pixels (default: %(default)s)')
     sp.add_argument('--seed', type=int, default=0, help='random seed; same seed, same files (default: %(default)s)')
-    args = ap.parse_args()
-    make_synthetic(args.out, args.n_train, args.n_val, args.size, args.seed)
-    print(f'wrote {args.n_train} train and {args.n_val} val images to {args.out}')
+    sp = sub.add_parser('split', help='cut full DOTA images into tiles, DOTA_devkit style, with a manifest')
+    sp.add_argument('--src', required=True, help='folder with images/ and labelTxt/ (e.g. DOTA/train)')
+    sp.add_argument('--dst', required=True, help='output folder (e.g. data/dota/train)')
+    sp.add_argument('--size', type=int, default=1024, help='tile side in pixels (default: %(default)s)')
+    sp.add_argument('--gap', type=int, default=200, help='overlap of neighbouring tiles (default: %(default)s)')
+    sp.add_argument('--rates', type=float, nargs='+', default=[1.0], help='resize factors, one pass each '
+                                                                          '(default: %(default)s)')
+    sp.add_argument('--format', choices=['jpg', 'png'], default='jpg',
+                    help='tile format: JPEG q95 decodes ~3x faster than PNG (default: %(default)s)')
+    sp.add_argument('--workers', type=int, default=os.cpu_count(), help='parallel processes, one image each '
+                                                                        '(default: %(default)s)')
+    sp.add_argument('--min-visible', type=float, default=0.7, help='a cut object whose visible part is at most '
+                    'this share of its area gets difficult=2 (default: %(default)s)')
+    sp.add_argument('--images-only', action='store_true', help='no labels (the test split); automatic when SRC has '
+                                                               'no labelTxt files')
+    for p in (sp, sub.add_parser('check', help='statistics and problems of a dataset; non-zero exit on errors')):
+        p.add_argument('--classes', default='dota1.0', choices=list(CLASSES), help='class list (default: %(default)s)')
+        p.add_argument('--strict', action='store_true', help='treat every warning as an error')
+    sp = sub.choices['check']
+    sp.add_argument('--data', required=True, help="dataset folder (ROOT or ROOT/train) or 'dota'/'synthetic'")
+    sp.add_argument('--workers', type=int, default=os.cpu_count(), help='processes decoding images '
+                                                                        '(default: %(default)s)')
+    args = ap.parse_args(argv)
+    import prepare  # here, not at the top: prepare imports this module
+    if args.cmd == 'synth':
+        prepare.make_synthetic(args.out, args.n_train, args.n_val, args.size, args.seed)
+        print(f'wrote {args.n_train} train and {args.n_val} val images to {args.out}')
+        return 0
+    try:
+        if args.cmd == 'split':
+            problems = prepare.split(args.src, args.dst, args.size, args.gap, args.rates, args.format, args.workers,
+                                     args.min_visible, CLASSES[args.classes], args.images_only, args.strict)
+            print(problems.report() or 'no warnings')
+            return 0
+        n_errors = prepare.check(resolve_data(args.data), CLASSES[args.classes], args.workers, args.strict)
+    except (LabelError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}')
+    print(f'\n{n_errors} error(s)')
+    return 1 if n_errors else 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (CLASSES, DOTADataset, LabelError, collate, make_synthetic, parse_label_file, polys_to_boxes,
-                  random_crop, random_dihedral)
+from data import (CLASSES, DOTADataset, LabelError, Problems, collate, load_labels, parse_label_file,
+                  parse_tile_name, random_crop, random_dihedral, read_image)
+from prepare import make_synthetic
 
 V1 = CLASSES['dota1.0']
 
@@ -18,32 +19,36 @@ def counts(labels, names=V1):
 def test_p0706_header_crlf_and_counts(dota_sample):
     path = dota_sample / 'labelTxt' / 'P0706.txt'
     assert b'\r\n' in path.read_bytes() and path.read_text().startswith('imagesource:')
-    polys, labels, difficult = parse_label_file(path, V1)
+    polys, labels, difficult, _ = parse_label_file(path, V1)
     assert counts(labels) == {'ship': 531, 'harbor': 5}
     np.testing.assert_array_equal(polys[0], [1054, 1028, 1063, 1011, 1111, 1040, 1112, 1062])  # first object line
     assert difficult[0] == 1 and len(difficult) == 536
 
 
 def test_p1888_boxes_inside_image(dota_sample):
-    polys, labels, _ = parse_label_file(dota_sample / 'labelTxt' / 'P1888.txt', V1)
     with Image.open(dota_sample / 'images' / 'P1888.png') as im:
         assert im.size == (712, 557)
-    boxes, keep = polys_to_boxes(polys, 712, 557)
-    assert keep.all() and len(boxes) == 64
+    problems = Problems()
+    boxes, labels, _ = load_labels(dota_sample / 'labelTxt' / 'P1888.txt', V1, 712, 557, problems)
+    assert len(boxes) == 64 and not problems.counts
     assert (boxes[:, [0, 2]] >= 0).all() and (boxes[:, [0, 2]] <= 712).all()
     assert (boxes[:, [1, 3]] >= 0).all() and (boxes[:, [1, 3]] <= 557).all()
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
 def test_out_of_image_coordinates_are_clipped(dota_sample):
-    polys, _, _ = parse_label_file(dota_sample / 'labelTxt' / 'P0706.txt', V1)
+    polys = parse_label_file(dota_sample / 'labelTxt' / 'P0706.txt', V1)[0]
     assert polys[:, 0::2].max() > 1111  # the file has x = 1112 on a 1111 px wide image
-    boxes, _ = polys_to_boxes(polys, 1111, 1182)
-    assert boxes[:, 2].max() == 1111
+    problems = Problems()
+    boxes, _, _ = load_labels(dota_sample / 'labelTxt' / 'P0706.txt', V1, 1111, 1182, problems)
+    assert boxes[:, 2].max() == 1111 and len(boxes) == 536
+    assert problems.counts['object reaching outside the image (clipped)'] >= 1
+    with pytest.raises(LabelError, match='P0706.txt:3: object reaching outside'):  # line 3: the first object
+        load_labels(dota_sample / 'labelTxt' / 'P0706.txt', V1, 1111, 1182, Problems(strict=True))
 
 
 def test_float_coordinates_and_labels_without_images(dota_sample):
-    _, labels, difficult = parse_label_file(dota_sample / 'labelTxt' / 'P0003.txt', V1)
+    _, labels, difficult, _ = parse_label_file(dota_sample / 'labelTxt' / 'P0003.txt', V1)
     assert counts(labels) == {'large-vehicle': 40, 'small-vehicle': 15} and (difficult == 1).sum() == 13
     total = sum(len(parse_label_file(p, V1)[1]) for p in (dota_sample / 'labelTxt_without_images').glob('*.txt'))
     assert total == 384
@@ -51,12 +56,12 @@ def test_float_coordinates_and_labels_without_images(dota_sample):
 
 def test_devkit_tile_loads_with_difficult_2_and_zero_area_dropped(dota_sample, tmp_path):
     src = dota_sample / 'split_example'
-    polys, labels, difficult = parse_label_file(next((src / 'labelTxt').glob('*.txt')), V1)
+    polys, labels, difficult, _ = parse_label_file(next((src / 'labelTxt').glob('*.txt')), V1)
     assert len(labels) == 295 and (difficult == 2).sum() == 5
     (tmp_path / 'val').mkdir()
     for sub in ('images', 'labelTxt'):
         (tmp_path / 'val' / sub).symlink_to(src / sub)
-    with pytest.warns(UserWarning, match='2 x zero-area'):
+    with pytest.warns(UserWarning, match='2 x zero-area or out-of-image polygon'):
         ds = DOTADataset(tmp_path, 'val', V1)
     img, t = ds[0]
     assert img.shape == (3, 1024, 1024) and img.dtype == torch.uint8
@@ -68,7 +73,9 @@ def test_devkit_tile_loads_with_difficult_2_and_zero_area_dropped(dota_sample, t
 @pytest.mark.parametrize('line, message', [
     ('1 2 3 4 5 6 7 8', 'expected'),  # too few tokens
     ('1 2 3 4 5 6 x 8 ship 0', 'coordinates must be numbers'),
-    ('1 2 3 4 5 6 7 8 spaceship 0', "unknown class 'spaceship'; known: plane"),
+    ('1 2 3 4 5 6 7 8 spaceship 0', "unknown class 'spaceship'. Known: plane"),
+    ('1 2 3 4 5 6 7 8 helipad 0', "unknown class 'helipad'. It is a dota2.0 class: use --classes dota2.0"),
+    ('1 2 3 4 5 6 7 8 container-crane 0', 'It is a dota1.5/dota2.0 class: use --classes dota1.5'),
     ('1 2 3 4 5 6 7 8 ship hard', 'difficult flag'),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
@@ -79,29 +86,66 @@ def test_bad_lines_name_file_and_line(tmp_path, line, message):
     assert f'{path}:4' in str(err.value)
 
 
-def test_non_utf8_is_a_clear_error(tmp_path):
+def test_non_utf8_names_file_and_line(tmp_path):
     path = tmp_path / 'bin.txt'
-    path.write_bytes(b'\xff\xfe 1 2 3')
-    with pytest.raises(LabelError, match='not UTF-8'):
+    path.write_bytes(b'gsd:1\r\n0 0 1 0 1 1 0 1 sh\xe9p 0\r\n')
+    with pytest.raises(LabelError, match=r'bin.txt:2: not UTF-8 text \(byte 0xe9'):
         parse_label_file(path, V1)
 
 
-@pytest.mark.parametrize('mode', ['L', 'RGBA', 'P'])
-def test_image_modes_become_rgb_and_missing_labels_are_counted(tmp_path, mode):
+def test_crlf_bom_blank_lines_and_empty_files(tmp_path):
+    path = tmp_path / 'a.txt'
+    path.write_bytes(b'\xef\xbb\xbfimagesource:GoogleEarth\r\ngsd:0.5\r\n\r\n1 1 5 1 5 4 1 4 plane 1\r\n')
+    polys, labels, difficult, lines = parse_label_file(path, V1)
+    assert polys.tolist() == [[1, 1, 5, 1, 5, 4, 1, 4]] and labels.tolist() == [0] and lines.tolist() == [4]
+    (tmp_path / 'empty.txt').write_text('')
+    assert parse_label_file(tmp_path / 'empty.txt', V1)[0].shape == (0, 8)
+
+
+def test_degenerate_polygons_dropped_and_counted_with_line(tmp_path):
+    path = tmp_path / 'a.txt'
+    path.write_text('0 0 4 0 4 4 0 4 ship 0\n1 1 1 1 1 9 1 9 ship 0\n2 2 6 6 2 2 6 6 ship 0\n')
+    problems = Problems()
+    boxes, labels, _ = load_labels(path, V1, 100, 100, problems)
+    assert len(boxes) == 1 and problems.counts['zero-area or out-of-image polygon (dropped)'] == 2
+    assert problems.places['zero-area or out-of-image polygon (dropped)'] == [f'{path}:2']
+    with pytest.raises(LabelError, match='a.txt:2: zero-area'):
+        load_labels(path, V1, 100, 100, Problems(strict=True))
+
+
+@pytest.mark.parametrize('mode, value, want', [('L', 77, 77), ('RGBA', (10, 20, 30, 0), (10, 20, 30)),
+                                               ('P', 0, (0, 0, 0)), ('I;16', 65535, 255), ('I;16', 32896, 128)])
+def test_image_modes_become_8bit_rgb(tmp_path, mode, value, want):
+    Image.new(mode, (40, 30), value).save(tmp_path / 'a.png')
+    img = read_image(tmp_path / 'a.png')
+    assert img.shape == (30, 40, 3) and img.dtype == np.uint8
+    assert (img == want).all()
+
+
+def test_unpaired_images_and_labels_are_counted(tmp_path):
     (tmp_path / 'train' / 'images').mkdir(parents=True)
     (tmp_path / 'train' / 'labelTxt').mkdir()
-    Image.new(mode, (40, 30)).save(tmp_path / 'train' / 'images' / 'a.png')
-    with pytest.warns(UserWarning, match='1 x image without a label file'):
+    Image.new('RGB', (40, 30)).save(tmp_path / 'train' / 'images' / 'a.png')
+    (tmp_path / 'train' / 'labelTxt' / 'b.txt').write_text('0 0 4 0 4 4 0 4 ship 0\n')
+    with pytest.warns(UserWarning) as caught:
         ds = DOTADataset(tmp_path, 'train', V1)
+    text = ' | '.join(str(w.message) for w in caught)
+    assert '1 x image without a label file' in text and '1 x label file without an image' in text
     img, t = ds[0]
     assert img.shape == (3, 30, 40) and len(t['boxes']) == 0
+    with pytest.raises(LabelError, match='label file without an image'):
+        DOTADataset(tmp_path, 'train', V1, strict=True)
 
 
-def test_corrupt_image_names_the_file(tmp_path):
-    (tmp_path / 'train' / 'images').mkdir(parents=True)
-    (tmp_path / 'train' / 'images' / 'bad.png').write_bytes(b'not a png')
+def test_corrupt_and_truncated_images_name_the_file(tmp_path):
+    (tmp_path / 'bad.png').write_bytes(b'not a png')
     with pytest.raises(ValueError, match='bad.png: cannot read the image'):
-        DOTADataset(tmp_path, 'train', V1)
+        read_image(tmp_path / 'bad.png')
+    Image.new('RGB', (200, 200), (9, 9, 9)).save(tmp_path / 'full.jpg')
+    data = (tmp_path / 'full.jpg').read_bytes()
+    (tmp_path / 'cut.jpg').write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match='cut.jpg: cannot read the image'):
+        read_image(tmp_path / 'cut.jpg')
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):
@@ -148,6 +192,13 @@ def test_collate_pads_to_a_multiple_of_the_patch():
     b = (torch.ones(3, 10, 40, dtype=torch.uint8), {'boxes': torch.zeros(2, 4)})
     images, targets = collate([a, b], multiple=16)
     assert images.shape == (2, 3, 32, 48) and images[0, :, 30:].sum() == 0 and len(targets[1]['boxes']) == 2
+
+
+def test_tile_names_parse():
+    assert parse_tile_name('P0706__1__0___824') == ('P0706', 1.0, 0, 824)
+    assert parse_tile_name('P1478__0.5__853___962') == ('P1478', 0.5, 853, 962)
+    with pytest.raises(ValueError, match='not a tile name'):
+        parse_tile_name('P0706')
 
 
 # ------------------------------------------------------------------------------------------- synthetic data

@@ -6,11 +6,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import CLASSES, DOTADataset, make_synthetic, to_input
+from data import CLASSES, DOTADataset, to_input
 from evaluate import evaluate
 from masking import make_masks
 from model import (Attention, Detector, MinCostMatcher, Predictor, assign_min_cost, build_vit, detection_loss,
                    ema_momentum, ema_update, lr_at, postprocess, sincos_pos_embed)
+from prepare import make_synthetic
 from pretrain import jepa_loss
 
 

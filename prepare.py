@@ -1,0 +1,336 @@
+"""Datasets on disk: cut full DOTA images into tiles (with a manifest), synthesize a DOTA-format dataset, check one.
+
+Run through data.py:
+    python data.py split --src DOTA/train --dst data/dota/train --size 1024 --gap 200 [--rates 1.0 0.5]
+    python data.py synth --out data/synthetic
+    python data.py check --data data/dota
+
+Splitting follows DOTA_devkit's ImgSplit so that its merge tools read our tiles: windows of `size` step by
+`size - gap`, the last window of a row or column snaps to the image border, images smaller than a window are
+padded with zeros, and a tile is named `<id>__<rate>__<left>___<top>` (rate printed like the devkit: 1, 0.5).
+With a rate other than 1 the image is resized first and the names carry the rate. An object fully inside a window
+keeps its exact polygon, shifted by the window offset; a cut object is written as the axis-aligned box of its
+visible part (our targets are boxes), with difficult = 2 when that part is at most --min-visible (0.7) of its area,
+as the devkit does. Tiles are written to a temporary name and renamed; an image counts as done only when all its
+tiles are, so an interrupted run can be restarted with the same command and continues where it stopped.
+"""
+import json
+import os
+import resource
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data import (IMG_EXTS, LabelError, Problems, load_labels, parse_tile_name, polygon_area, read_image)
+
+SIZE_BINS = (('tiny', 0, 16), ('small', 16, 32), ('medium', 32, 96), ('large', 96, float('inf')))
+
+
+# ------------------------------------------------------------------------------------------------- geometry
+def windows(length, size, gap):
+    """Window starts along one axis, as DOTA_devkit: steps of size - gap, the last one snapped to the border."""
+    step = size - gap
+    starts = list(range(0, max(length - size, 0), step)) + [max(length - size, 0)]
+    return sorted(set(starts))
+
+
+def clip_polygons(polys, x0, y0, x1, y1):
+    """Sutherland-Hodgman clipping of n polygons (n, K, 2) to a rectangle, vectorized over polygons.
+
+    Unused vertex slots repeat the last real vertex (a zero-length edge changes neither the clipping nor the area),
+    which keeps the arrays rectangular. -> (n, K', 2), same convention; an empty result is all zeros."""
+    P = polys.astype(np.float64)
+    n = len(P)
+    for axis, bound, sign in ((0, x0, 1), (0, x1, -1), (1, y0, 1), (1, y1, -1)):
+        if n == 0:
+            break
+        Q = np.roll(P, -1, axis=1)  # the next vertex of each edge
+        p_in = sign * (P[..., axis] - bound) >= 0  # (n, K)
+        q_in = sign * (Q[..., axis] - bound) >= 0
+        denom = Q[..., axis] - P[..., axis]
+        t = np.divide(bound - P[..., axis], denom, out=np.zeros_like(denom), where=denom != 0)
+        cross = P + t[..., None] * (Q - P)  # where the edge meets the clip line
+        out = np.stack([P, cross], 2).reshape(n, -1, 2)  # (n, 2K, 2): for each edge, its start then the crossing
+        valid = np.stack([p_in, p_in != q_in], 2).reshape(n, -1)
+        count = valid.sum(1)  # (n,)
+        order = np.argsort(~valid, axis=1, kind='stable')  # valid slots first, in order
+        k = max(int(count.max()), 1)
+        idx = np.minimum(np.arange(k)[None], np.maximum(count[:, None] - 1, 0))  # pad by repeating the last
+        P = np.take_along_axis(out, np.take_along_axis(order, idx, 1)[..., None], 1)
+        P[count == 0] = 0
+    return P
+
+
+# ------------------------------------------------------------------------------------------------- splitting
+def split_image(job):
+    """Cut one image (all rates). job: dict from `split`. -> (record list for the manifest, Problems, peak RSS MB)."""
+    img_path, lbl_path, dst = Path(job['image']), job['label'], Path(job['dst'])
+    problems = Problems(job['strict'])
+    img = read_image(img_path)  # (H, W, 3) uint8
+    h0, w0 = img.shape[:2]
+    if lbl_path is None:
+        polys, labels, diff = np.zeros((0, 8), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if not job['images_only']:
+            problems.add('image without a label file (no objects)', str(img_path))
+    else:
+        polys, labels, diff = load_labels(lbl_path, job['classes'], w0, h0, problems, as_polygons=True)
+    records = []
+    for rate in job['rates']:
+        scaled = img if rate == 1 else np.asarray(Image.fromarray(img).resize(
+            (max(round(w0 * rate), 1), max(round(h0 * rate), 1)), Image.BICUBIC))
+        h, w = scaled.shape[:2]
+        pts = (polys * rate).reshape(-1, 4, 2)
+        area = polygon_area(pts)
+        for top in windows(h, job['size'], job['gap']):
+            for left in windows(w, job['size'], job['gap']):
+                records.append(write_tile(scaled, pts, area, labels, diff, left, top, rate, img_path.stem, dst, job))
+    return records, problems, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_tile(img, pts, area, labels, diff, left, top, rate, stem, dst, job):
+    """Write one tile image (+ label file) atomically; -> its manifest record."""
+    size = job['size']
+    name = f'{stem}__{rate:g}__{left}___{top}'
+    crop = img[top:top + size, left:left + size]
+    tile = np.zeros((size, size, 3), np.uint8)  # pad small images and the border windows to a full tile
+    tile[:crop.shape[0], :crop.shape[1]] = crop
+    ext = '.jpg' if job['format'] == 'jpg' else '.png'
+    tmp = dst / 'images' / f'.{name}{ext}.tmp'
+    Image.fromarray(tile).save(tmp, format='JPEG' if ext == '.jpg' else 'PNG', quality=95)
+    os.replace(tmp, dst / 'images' / f'{name}{ext}')
+    record = {'name': name, 'file': f'images/{name}{ext}', 'width': size, 'height': size}
+    if job['images_only']:
+        return record
+    x1, y1 = left + min(crop.shape[1], size), top + min(crop.shape[0], size)  # the window's real image part
+    visible = clip_polygons(pts, left, top, x1, y1)  # (n, K, 2) the part of each object inside the window
+    vis_area = polygon_area(visible)
+    sel = np.flatnonzero(vis_area > 0)
+    p, v = pts[sel] - (left, top), visible[sel] - (left, top)  # tile coordinates
+    full = (p.min(1) >= 0).all(1) & (p.max(1) <= (x1 - left, y1 - top)).all(1)  # (m,) entirely inside
+    lo, hi = v.min(1), v.max(1)  # (m, 2) box of the visible part
+    cut = np.stack([lo, np.stack([hi[:, 0], lo[:, 1]], 1), hi, np.stack([lo[:, 0], hi[:, 1]], 1)], 1)
+    poly = np.where(full[:, None, None], p, cut)  # (m, 4, 2)
+    flags = np.where(full | (vis_area[sel] > job['min_visible'] * area[sel]), diff[sel], 2)
+    names = [job['classes'][c] for c in labels[sel]]
+    lines = [' '.join(f'{c:.8g}' for c in q.round(2).ravel()) + f' {n} {d}' for q, n, d in zip(poly, names, flags)]
+    tmp = dst / 'labelTxt' / f'.{name}.txt.tmp'
+    tmp.write_text(''.join(line + '\n' for line in lines))
+    os.replace(tmp, dst / 'labelTxt' / f'{name}.txt')
+    boxes = np.concatenate([poly.min(1), poly.max(1)], 1).round(2)
+    record.update(boxes=boxes.tolist(), labels=names, difficult=flags.tolist())
+    return record
+
+
+def split(src, dst, size=1024, gap=200, rates=(1.0,), fmt='jpg', workers=4, min_visible=0.7, classes=None,
+          images_only=False, strict=False):
+    """Split SRC/{images,labelTxt} into DST/{images,labelTxt} + DST/manifest.json. -> Problems."""
+    src, dst = Path(src), Path(dst)
+    if gap >= size:
+        raise ValueError(f'--gap {gap} must be smaller than --size {size}')
+    images = sorted(p for p in (src / 'images').glob('*') if p.suffix.lower() in IMG_EXTS)
+    if not images:
+        raise FileNotFoundError(f'no images in {src / "images"}; expected SRC/images/*.png and SRC/labelTxt/*.txt')
+    labels = {p.stem: p for p in (src / 'labelTxt').glob('*.txt')}
+    images_only = images_only or not labels
+    for sub in ('images', 'labelTxt', '.done'):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    problems = Problems(strict)
+    for stem in sorted(set(labels) - {p.stem for p in images}):
+        problems.add('label file without an image (skipped)', str(labels[stem]))
+    settings = {'size': size, 'gap': gap, 'rates': list(rates), 'format': fmt, 'min_visible': min_visible}
+    jobs, records = [], {}
+    for p in images:
+        done = dst / '.done' / f'{p.stem}.json'
+        if done.exists():  # resumed run: this image was finished before
+            saved = json.loads(done.read_text())
+            if saved['settings'] == settings:
+                records[p.stem] = saved['records']
+                continue
+        jobs.append({'image': str(p), 'label': None if images_only else labels.get(p.stem), 'dst': str(dst),
+                     'classes': classes, 'images_only': images_only, 'strict': strict, **settings})
+    print(f'{len(images)} images in {src}: {len(records)} already done, {len(jobs)} to split')
+    t0, peak, n_bytes = time.time(), 0.0, sum(Path(j['image']).stat().st_size for j in jobs)
+    with Pool(workers, maxtasksperchild=8) as pool:  # one image per worker at a time: bounded memory
+        for job, (recs, probs, rss) in zip(jobs, tqdm(pool.imap(split_image, jobs), total=len(jobs), desc='split')):
+            stem = Path(job['image']).stem
+            tmp = dst / '.done' / f'.{stem}.json.tmp'
+            tmp.write_text(json.dumps({'settings': settings, 'records': recs}))
+            os.replace(tmp, dst / '.done' / f'{stem}.json')
+            records[stem] = recs
+            problems.merge(probs)
+            peak = max(peak, rss)
+    dt = time.time() - t0
+    if jobs:
+        print(f'split {len(jobs)} images in {dt:.1f} s: {len(jobs) / dt:.2f} images/s, {n_bytes / 1e6 / dt:.1f} MB/s '
+              f'read; peak memory of a worker {peak:.0f} MB')
+    tiles = [r for stem in sorted(records) for r in records[stem]]
+    manifest = {'classes': classes, 'settings': settings, 'tiles': tiles}
+    (dst / 'manifest.json.tmp').write_text(json.dumps(manifest))
+    os.replace(dst / 'manifest.json.tmp', dst / 'manifest.json')
+    print(f'wrote {len(tiles)} tiles and {dst / "manifest.json"}')
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------- synthetic data
+SYNTH_CLASSES = ['small-vehicle', 'large-vehicle', 'ship', 'storage-tank', 'plane']
+ASPECT = {'small-vehicle': 0.5, 'large-vehicle': 0.33, 'ship': 0.28, 'storage-tank': 1.0, 'plane': 1.0}  # width/length
+
+
+def _rect(cx, cy, length, width, angle):
+    """Corners (4, 2) of a length x width rectangle centred at (cx, cy), long side at `angle` radians."""
+    c, s = np.cos(angle), np.sin(angle)
+    local = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [length / 2, width / 2]
+    return local @ np.array([[c, s], [-s, c]]) + [cx, cy]
+
+
+def _draw_object(draw, rng, name, cx, cy, size, angle):
+    """Draw one object whose oriented box is _rect(cx, cy, size, size * ASPECT[name], angle)."""
+    grey = int(rng.integers(170, 250))
+    if name == 'small-vehicle':
+        colour = tuple(int(v) for v in rng.choice([[200, 30, 30], [235, 235, 235], [30, 60, 160], [25, 25, 25],
+                                                   [150, 150, 160]]))
+        draw.polygon([tuple(p) for p in _rect(cx, cy, size, size * 0.5, angle)], fill=colour)
+        draw.polygon([tuple(p) for p in _rect(cx + 0.15 * size * np.cos(angle), cy + 0.15 * size * np.sin(angle),
+                                               size * 0.2, size * 0.4, angle)], fill=(90, 110, 130))  # windscreen
+    elif name == 'large-vehicle':
+        draw.polygon([tuple(p) for p in _rect(cx, cy, size, size * 0.33, angle)], fill=(grey, grey, grey))
+        cab = _rect(cx + 0.4 * size * np.cos(angle), cy + 0.4 * size * np.sin(angle), size * 0.2, size * 0.33, angle)
+        draw.polygon([tuple(p) for p in cab], fill=tuple(int(v) for v in rng.integers(40, 220, 3)))
+    elif name == 'ship':
+        poly = _rect(cx, cy, size, size * 0.28, angle)
+        c, s = np.cos(angle), np.sin(angle)
+        bow = (cx + 0.5 * size * c, cy + 0.5 * size * s)
+        hull = [tuple(poly[0]), tuple(poly[1] - [0.2 * size * c, 0.2 * size * s]), bow,
+                tuple(poly[2] - [0.2 * size * c, 0.2 * size * s]), tuple(poly[3])]
+        draw.polygon(hull, fill=(grey, grey, grey - 20), outline=(60, 60, 70))
+        draw.line([tuple(p) for p in _rect(cx, cy, size * 0.5, 1, angle)[[0, 1]]], fill=(110, 90, 70), width=2)
+    elif name == 'storage-tank':
+        r = size / 2
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(grey, grey, grey), outline=(80, 80, 80), width=2)
+        draw.ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], outline=(120, 120, 120))
+    else:  # plane: fuselage, wings, tail
+        c, s = np.cos(angle), np.sin(angle)
+        for length, width, off in ((size, size * 0.14, 0), (size * 0.16, size, 0.05), (size * 0.1, size * 0.4, -0.42)):
+            draw.polygon([tuple(p) for p in _rect(cx + off * size * c, cy + off * size * s, length, width, angle)],
+                         fill=(grey, grey, grey))
+
+
+def _ground(rng, size):
+    """Textured ground (size, size, 3) uint8: a base colour, low-frequency blotches and pixel noise."""
+    base = rng.choice([[95, 120, 70], [140, 120, 90], [120, 120, 115], [70, 90, 80]]).astype(np.float32)
+    low = Image.fromarray(rng.integers(0, 255, (6, 6), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    img = base + (np.asarray(low, np.float32)[..., None] - 128) * 0.25 + rng.normal(0, 6, (size, size, 3))
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def synth_image(rng, size, n_rows=None, n_single=None):
+    """One synthetic image and its objects: single objects of all classes, plus dense rows of vehicles/ships.
+    By default 0-3 rows and 4-14 single objects (some are rejected where they would overlap).
+    -> (PIL image, list of (polygon (4, 2), class name))."""
+    img = Image.fromarray(_ground(rng, size))
+    draw = ImageDraw.Draw(img)
+    occupied = np.zeros((size, size), bool)
+    objects = []
+    size_range = {'small-vehicle': (6, 11), 'large-vehicle': (14, 26), 'ship': (12, 40), 'storage-tank': (8, 28),
+                  'plane': (18, 40)}
+
+    def place(name, cx, cy, s, angle):
+        poly = _rect(cx, cy, s, s * ASPECT[name], 0.0 if name == 'storage-tank' else angle)
+        x0, y0 = np.floor(poly.min(0)).astype(int) - 1  # a 1 px margin so that objects never touch
+        x1, y1 = np.ceil(poly.max(0)).astype(int) + 1
+        if x0 < 0 or y0 < 0 or x1 > size or y1 > size or occupied[y0:y1, x0:x1].any():
+            return
+        occupied[y0:y1, x0:x1] = True
+        _draw_object(draw, rng, name, cx, cy, s, angle)
+        objects.append((poly, name))
+
+    n_rows = int(rng.integers(0, 4)) if n_rows is None else n_rows
+    n_single = int(rng.integers(4, 15)) if n_single is None else n_single
+    for _ in range(n_rows):  # dense rows: parking lines of cars or trucks, moored ships
+        name = str(rng.choice(['small-vehicle', 'small-vehicle', 'large-vehicle', 'ship']))
+        s = float(rng.uniform(*size_range[name])) if name != 'ship' else float(rng.uniform(12, 20))
+        row_angle = float(rng.choice([0, np.pi / 2]) + rng.normal(0, 0.1))
+        step = s * ASPECT[name] + 3
+        x, y = rng.uniform(0, size, 2)
+        for k in range(int(rng.integers(3, 9))):
+            place(name, x + k * step * np.cos(row_angle), y + k * step * np.sin(row_angle), s, row_angle + np.pi / 2)
+    for _ in range(n_single):  # scattered single objects
+        name = str(rng.choice(SYNTH_CLASSES))
+        s = float(rng.uniform(*size_range[name]))
+        place(name, *rng.uniform(0, size, 2), s, float(rng.uniform(0, np.pi)))
+    return img, objects
+
+
+def make_synthetic(out, n_train=400, n_val=100, size=128, seed=0):
+    """Write a deterministic synthetic dataset in DOTA format: OUT/{train,val}/{images/*.png,labelTxt/*.txt}."""
+    out = Path(out)
+    for split, n, split_id in (('train', n_train, 0), ('val', n_val, 1)):
+        (out / split / 'images').mkdir(parents=True, exist_ok=True)
+        (out / split / 'labelTxt').mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, objects = synth_image(np.random.default_rng([seed, split_id, i]), size)
+            img.save(out / split / 'images' / f'S{i:05d}.png')
+            lines = ['imagesource:synthetic', 'gsd:1.0']
+            lines += [' '.join(f'{v:.1f}' for v in poly.ravel()) + f' {name} 0' for poly, name in objects]
+            (out / split / 'labelTxt' / f'S{i:05d}.txt').write_text('\n'.join(lines) + '\n')
+    (out / '.complete').write_text(f'n_train={n_train} n_val={n_val} size={size} seed={seed}\n')
+
+
+# ------------------------------------------------------------------------------------------------- checking
+def _check_image(path):
+    """Decode one image fully. -> error string or None."""
+    try:
+        read_image(path)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def check(root, class_names, workers=4, strict=False):
+    """Walk ROOT (a split folder with images/, or a folder of split folders), print statistics and every problem.
+    -> number of errors (unreadable images or label files)."""
+    root = Path(root)
+    splits = [root] if (root / 'images').is_dir() else sorted(p for p in root.iterdir() if (p / 'images').is_dir())
+    if not splits:
+        raise FileNotFoundError(f'{root}: no images/ folder in it or in its sub-folders')
+    n_errors = 0
+    for split_dir in splits:
+        problems, errors = Problems(strict=False), []
+        images = sorted(p for p in (split_dir / 'images').glob('*') if p.suffix.lower() in IMG_EXTS)
+        labels = {p.stem: p for p in (split_dir / 'labelTxt').glob('*.txt')}
+        with Pool(workers) as pool:
+            errors += [e for e in pool.map(_check_image, images, chunksize=16) if e]
+        for stem in sorted(set(labels) - {p.stem for p in images}):
+            problems.add('label file without an image (skipped)', str(labels[stem]))
+        counts, sizes, most, n_obj = np.zeros(len(class_names), int), [], (0, ''), 0
+        for p in images:
+            if p.stem not in labels:
+                problems.add('image without a label file (no objects)', str(p))
+                continue
+            try:
+                with Image.open(p) as im:
+                    w, h = im.size
+                boxes, lab, _ = load_labels(labels[p.stem], class_names, w, h, problems)
+            except (LabelError, ValueError) as e:
+                errors.append(str(e))
+                continue
+            counts += np.bincount(lab, minlength=len(class_names))
+            sizes.append(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+            most = max(most, (len(lab), p.name))
+            n_obj += len(lab)
+        sizes = np.concatenate(sizes) if sizes else np.zeros(0)
+        print(f'\n{split_dir}: {len(images)} images, {len(labels)} label files, {n_obj} objects')
+        for c in np.flatnonzero(counts):
+            print(f'  {class_names[c]:<20}{counts[c]:>8}')
+        print('  object sizes (sqrt of box area): ' + ', '.join(
+            f'{name} [{lo}, {hi}) px: {int(((sizes >= lo) & (sizes < hi)).sum())}' for name, lo, hi in SIZE_BINS))
+        print(f'  most objects in one image: {most[0]} ({most[1]})')
+        print(problems.report() or '  no warnings')
+        for e in errors:
+            print(f'  ERROR {e}')
+        n_errors += len(errors) + (sum(problems.counts.values()) if strict else 0)
+    return n_errors
