@@ -149,7 +149,7 @@ def read_image(path, header_only=False):
             if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
                 a = (np.asarray(im, np.float64) / 257).clip(0, 255).round().astype(np.uint8)
                 return np.repeat(a[..., None], 3, 2)
-            return np.array(im.convert('RGB'))
+            return np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))  # read-only; never written to
     except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for missing, truncated or corrupt files
         raise ValueError(f'{path}: cannot read the image ({e})') from None
 
@@ -172,7 +172,7 @@ class DOTADataset(torch.utils.data.Dataset):
 
     train=True: random crop to img_size (object scale kept, padded with zeros when the image is smaller) and a
     random element of the dihedral group (flips and 90 degree rotations). train=False: the whole image.
-    Item: (image uint8 (3, H, W), {'boxes': (n, 4) float32 xyxy px, 'labels': (n,) int64, 'difficult': (n,) bool,
+    Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, 'labels': (n,) int64, 'difficult': (n,) bool,
     'name': str, 'size': (H, W)}).
     """
 
@@ -221,7 +221,9 @@ class DOTADataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        img = torch.from_numpy(read_image(self.files[i])).permute(2, 0, 1)  # (3, H, W) uint8
+        with warnings.catch_warnings():  # the array is read-only: fine, augmentations never write in place
+            warnings.simplefilter('ignore', UserWarning)
+            img = torch.from_numpy(read_image(self.files[i]))  # (H, W, 3) uint8
         t = self.targets[i]
         boxes, labels, diff = torch.from_numpy(t['boxes']), torch.from_numpy(t['labels']), torch.from_numpy(t['difficult'])
         if self.train:
@@ -229,44 +231,54 @@ class DOTADataset(torch.utils.data.Dataset):
             labels, diff = labels[keep], diff[keep]
             img, boxes = random_dihedral(img, boxes)
         return img, {'boxes': boxes, 'labels': labels, 'difficult': diff, 'name': self.files[i].stem,
-                     'size': tuple(img.shape[1:])}
+                     'size': tuple(img.shape[:2])}
 
 
+# Augmentations work on torch (H, W, 3) uint8 tensors: a crop is a view, flips and transposes are torch's fast
+# kernels (numpy's strided copies of 3-byte pixels are ~10x slower). Channels stay last until the device (see
+# to_input): no CPU transpose to (3, H, W).
 def random_crop(img, boxes, size):
-    """Crop (3, H, W) to (3, size, size) at a random place, zero-padding a smaller image; boxes are shifted and
-    clipped, and those left with less than 1 px of width or height are dropped (keep mask returned)."""
-    _, h, w = img.shape
+    """A random window of at most size x size of img (H, W, 3), as a view (collate pads smaller ones); boxes are
+    shifted and clipped, and those left with less than 1 px of width or height are dropped (keep mask returned)."""
+    h, w = img.shape[:2]
     top, left = (int(torch.randint(0, max(n - size, 0) + 1, ())) for n in (h, w))  # torch RNG: seeded per worker
-    out = img.new_zeros(3, size, size)
-    crop = img[:, top:top + size, left:left + size]
-    out[:, :crop.shape[1], :crop.shape[2]] = crop
-    boxes = (boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)).clamp(0, size)
-    boxes[:, 2:] = torch.minimum(boxes[:, 2:], torch.tensor([crop.shape[2], crop.shape[1]], dtype=boxes.dtype))
+    img = img[top:top + size, left:left + size]
+    limit = torch.tensor([img.shape[1], img.shape[0]] * 2, dtype=boxes.dtype)
+    boxes = torch.minimum((boxes - torch.tensor([left, top] * 2, dtype=boxes.dtype)).clamp(min=0), limit)
     keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
-    return out, boxes[keep], keep
+    return img, boxes[keep], keep
 
 
 def random_dihedral(img, boxes):
-    """One of the 8 flips/rotations by 90 degrees, uniformly: transpose (square images only), then h/v flips."""
-    _, h, w = img.shape
+    """One of the 8 flips/rotations by 90 degrees of img (H, W, 3), uniformly: transpose (square images only),
+    then horizontal and vertical flips."""
+    h, w = img.shape[:2]
     flip = torch.rand(3) < 0.5
     if h == w and flip[0]:
-        img, boxes = img.transpose(1, 2), boxes[:, [1, 0, 3, 2]]
+        img, boxes = img.transpose(0, 1), boxes[:, [1, 0, 3, 2]]
     if flip[1]:
-        img, boxes = img.flip(2), torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+        img, boxes = img.flip(1), torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
     if flip[2]:
-        img, boxes = img.flip(1), torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], 1)
+        img, boxes = img.flip(0), torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], 1)
     return img, boxes
 
 
 def collate(batch, multiple=32):
-    """Stack images zero-padded to the batch's largest size rounded up to `multiple` (the patch size), so every
-    image of a batch has the same token grid. -> (B, 3, H, W) uint8, list of B target dicts."""
-    h = -(-max(im.shape[1] for im, _ in batch) // multiple) * multiple
-    w = -(-max(im.shape[2] for im, _ in batch) // multiple) * multiple
-    images = batch[0][0].new_zeros(len(batch), 3, h, w)
+    """Copy the images ((H, W, 3) uint8 tensors) into one batch (B, H, W, 3), zero-padded to the largest size
+    rounded up to `multiple` (the patch size) so that every image has the same token grid. -> batch, targets."""
+    h = -(-max(im.shape[0] for im, _ in batch) // multiple) * multiple
+    w = -(-max(im.shape[1] for im, _ in batch) // multiple) * multiple
+    shape = (len(batch), h, w, 3)
+    if torch.utils.data.get_worker_info() is None:
+        images = torch.empty(shape, dtype=torch.uint8)
+    else:  # in a loader worker: allocate in shared memory (as torch's default_collate does), so the batch reaches
+        # the training process without one more copy
+        images = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(h * w * 3 * len(batch)))
+        images = images.view(shape)
     for i, (im, _) in enumerate(batch):
-        images[i, :, :im.shape[1], :im.shape[2]] = im
+        images[i, :im.shape[0], :im.shape[1]] = im
+        images[i, im.shape[0]:] = 0
+        images[i, :im.shape[0], im.shape[1]:] = 0
     return images, [t for _, t in batch]
 
 
@@ -278,8 +290,8 @@ def make_loader(root, split, class_names, img_size, batch_size, train, workers, 
 
 
 def to_input(images, device):
-    """uint8 (B, 3, H, W) -> float (B, 3, H, W) normalized, on `device`."""
-    x = images.to(device, non_blocking=True).float().div_(255)
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalized, on `device` (channels-last in memory: conv-friendly)."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     return (x - mean) / torch.tensor(STD, device=device).view(1, 3, 1, 1)
 

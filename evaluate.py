@@ -152,14 +152,14 @@ PALETTE = [(255, 56, 56), (255, 157, 151), (255, 112, 31), (255, 178, 29), (207,
 
 def draw_grid(images, dets, class_names, path, tile=384, min_score=0.25):
     """A grid (up to 4x4) of images with boxes, class names (and scores), one colour per class. images: uint8
-    (B, 3, H, W); dets: list of dicts with boxes, labels and optionally scores. Small images are enlarged
+    (B, H, W, 3); dets: list of dicts with boxes, labels and optionally scores. Small images are enlarged
     (nearest) so that 6 px objects stay visible."""
     n = min(len(images), 16)
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     grid = Image.new('RGB', (cols * tile, rows * tile), (114, 114, 114))
     for i in range(n):
-        im = Image.fromarray(images[i].permute(1, 2, 0).numpy())
+        im = Image.fromarray(images[i].numpy())
         scale = tile / max(im.size)
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST)
         draw = ImageDraw.Draw(im)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from data import (CLASSES, DOTADataset, LabelError, Problems, collate, load_labels, parse_label_file,
-                  parse_tile_name, random_crop, random_dihedral, read_image)
+                  parse_tile_name, random_crop, random_dihedral, read_image, to_input)
 from prepare import make_synthetic
 
 V1 = CLASSES['dota1.0']
@@ -64,7 +64,7 @@ def test_devkit_tile_loads_with_difficult_2_and_zero_area_dropped(dota_sample, t
     with pytest.warns(UserWarning, match='2 x zero-area or out-of-image polygon'):
         ds = DOTADataset(tmp_path, 'val', V1)
     img, t = ds[0]
-    assert img.shape == (3, 1024, 1024) and img.dtype == torch.uint8
+    assert img.shape == (1024, 1024, 3) and img.dtype == np.uint8
     # kept and flagged: 3 with difficult=1 and 3 with difficult=2 (the other two are the zero-area polygons)
     assert len(t['boxes']) == 293 and t['difficult'].sum() == 6
 
@@ -132,7 +132,7 @@ def test_unpaired_images_and_labels_are_counted(tmp_path):
     text = ' | '.join(str(w.message) for w in caught)
     assert '1 x image without a label file' in text and '1 x label file without an image' in text
     img, t = ds[0]
-    assert img.shape == (3, 30, 40) and len(t['boxes']) == 0
+    assert img.shape == (30, 40, 3) and len(t['boxes']) == 0
     with pytest.raises(LabelError, match='label file without an image'):
         DOTADataset(tmp_path, 'train', V1, strict=True)
 
@@ -155,14 +155,14 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------------------------- augmentation
 def box_of(img):
-    """Bounding box (x1, y1, x2, y2) of the nonzero pixels of (3, H, W)."""
-    ys, xs = torch.nonzero(img.sum(0)).unbind(1)
-    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+    """Bounding box (x1, y1, x2, y2) of the nonzero pixels of (H, W, 3)."""
+    ys, xs = np.nonzero(img.sum(2))
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
 def test_dihedral_moves_boxes_with_pixels():
-    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
-    img[:, 5:9, 20:30] = 255  # box x 20..30, y 5..9
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[5:9, 20:30] = 255  # box x 20..30, y 5..9
     seen = set()
     for seed in range(60):
         torch.manual_seed(seed)
@@ -173,25 +173,36 @@ def test_dihedral_moves_boxes_with_pixels():
 
 
 def test_random_crop_keeps_scale_and_clips():
-    img = torch.zeros(3, 100, 80, dtype=torch.uint8)
-    img[:, 40:60, 30:50] = 255
+    img = np.zeros((100, 80, 3), np.uint8)
+    img[40:60, 30:50] = 255
     for seed in range(20):
         torch.manual_seed(seed)
         out, boxes, keep = random_crop(img, torch.tensor([[30.0, 40, 50, 60]]), 48)
-        assert out.shape == (3, 48, 48)
+        assert out.shape == (48, 48, 3)
         if keep.any():
             assert box_of(out) == boxes[0].tolist()
         else:
             assert out.sum() == 0
-    out, boxes, keep = random_crop(img[:, :20, :20], torch.tensor([[2.0, 3, 10, 12]]), 48)  # smaller: padded
-    assert out.shape == (3, 48, 48) and boxes[0].tolist() == [2, 3, 10, 12]
+    out, boxes, keep = random_crop(img[:20, :20], torch.tensor([[2.0, 3, 10, 12], [15, 15, 30, 30]]), 48)
+    assert out.shape == (20, 20, 3) and boxes.tolist() == [[2, 3, 10, 12], [15, 15, 20, 20]]  # smaller: as is
 
 
 def test_collate_pads_to_a_multiple_of_the_patch():
-    a = (torch.ones(3, 30, 20, dtype=torch.uint8), {'boxes': torch.zeros(0, 4)})
-    b = (torch.ones(3, 10, 40, dtype=torch.uint8), {'boxes': torch.zeros(2, 4)})
+    a = (np.ones((30, 20, 3), np.uint8), {'boxes': torch.zeros(0, 4)})
+    b = (np.ones((10, 40, 3), np.uint8)[::-1], {'boxes': torch.zeros(2, 4)})  # a view with negative strides
     images, targets = collate([a, b], multiple=16)
-    assert images.shape == (2, 3, 32, 48) and images[0, :, 30:].sum() == 0 and len(targets[1]['boxes']) == 2
+    assert images.shape == (2, 32, 48, 3) and images.dtype == torch.uint8 and len(targets[1]['boxes']) == 2
+    assert images[0, :30, :20].all() and images[0, 30:].sum() == 0 and images[0, :, 20:].sum() == 0
+    assert images[1, :10, :40].all() and images[1, 10:].sum() == 0 and images[1, :, 40:].sum() == 0
+
+
+def test_to_input_normalizes_and_moves_channels():
+    images = torch.zeros(2, 4, 6, 3, dtype=torch.uint8)
+    images[..., 0] = 255
+    x = to_input(images, torch.device('cpu'))
+    assert x.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(x[:, 0], torch.full((2, 4, 6), (1 - 0.485) / 0.229))
+    torch.testing.assert_close(x[:, 1], torch.full((2, 4, 6), -0.456 / 0.224))
 
 
 def test_tile_names_parse():
@@ -213,4 +224,4 @@ def test_synthetic_is_deterministic_dota_format(tmp_path):
     assert len(sizes) >= 20 and 4 <= sizes.min() and sizes.max() <= 60
     assert len(names) >= 3 and names <= set(V1)
     img, _ = ds[0]
-    assert img.shape == (3, 96, 96)
+    assert img.shape == (96, 96, 3)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import CLASSES, DOTADataset, to_input
+from data import CLASSES, DOTADataset, collate, to_input
 from evaluate import evaluate
 from masking import make_masks
 from model import (Attention, Detector, MinCostMatcher, Predictor, assign_min_cost, build_vit, detection_loss,
@@ -133,11 +133,11 @@ def test_matcher_gives_neighbouring_cells_to_objects_sharing_a_cell():
 def test_detector_overfits_one_synthetic_image(tmp_path):
     torch.manual_seed(0)
     make_synthetic(tmp_path, n_train=1, n_val=0, size=64, seed=5)
-    img, t = DOTADataset(tmp_path, 'train', CLASSES['dota1.0'])[0]
+    images, (t,) = collate([DOTADataset(tmp_path, 'train', CLASSES['dota1.0'])[0]], multiple=8)
     assert len(t['boxes']) >= 3
     det = Detector(build_vit('test', 8), 15, head_dim=32)
     opt = torch.optim.AdamW(det.parameters(), lr=3e-3, weight_decay=0.0)
-    x = to_input(img[None], torch.device('cpu'))
+    x = to_input(images, torch.device('cpu'))
     matcher = MinCostMatcher()
     for _ in range(300):
         loss, _ = detection_loss(det(x), [t], matcher)

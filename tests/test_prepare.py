@@ -85,7 +85,7 @@ def test_split_real_sample(dota_sample, tmp_path):
         img, target = ds[i]
         p, labels, _ = tile_lines(tmp_path / 'train' / 'labelTxt' / f'{target["name"]}.txt')
         np.testing.assert_allclose(target['boxes'].numpy(), np.concatenate([p.min(1), p.max(1)], 1), atol=0.01)
-        assert target['labels'].tolist() == labels.tolist() and img.shape == (3, 512, 512)
+        assert target['labels'].tolist() == labels.tolist() and img.shape == (512, 512, 3)
 
 
 def make_source(folder, img, lines):
