@@ -64,7 +64,7 @@ def test_devkit_tile_loads_with_difficult_2_and_zero_area_dropped(dota_sample, t
     with pytest.warns(UserWarning, match='2 x zero-area or out-of-image polygon'):
         ds = DOTADataset(tmp_path, 'val', V1)
     img, t = ds[0]
-    assert img.shape == (1024, 1024, 3) and img.dtype == np.uint8
+    assert img.shape == (1024, 1024, 3) and img.dtype == torch.uint8
     # kept and flagged: 3 with difficult=1 and 3 with difficult=2 (the other two are the zero-area polygons)
     assert len(t['boxes']) == 293 and t['difficult'].sum() == 6
 
@@ -156,12 +156,12 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------------------------------- augmentation
 def box_of(img):
     """Bounding box (x1, y1, x2, y2) of the nonzero pixels of (H, W, 3)."""
-    ys, xs = np.nonzero(img.sum(2))
+    ys, xs = np.nonzero(img.numpy().sum(2))
     return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
 def test_dihedral_moves_boxes_with_pixels():
-    img = np.zeros((32, 32, 3), np.uint8)
+    img = torch.zeros(32, 32, 3, dtype=torch.uint8)
     img[5:9, 20:30] = 255  # box x 20..30, y 5..9
     seen = set()
     for seed in range(60):
@@ -173,7 +173,7 @@ def test_dihedral_moves_boxes_with_pixels():
 
 
 def test_random_crop_keeps_scale_and_clips():
-    img = np.zeros((100, 80, 3), np.uint8)
+    img = torch.zeros(100, 80, 3, dtype=torch.uint8)
     img[40:60, 30:50] = 255
     for seed in range(20):
         torch.manual_seed(seed)
@@ -188,8 +188,8 @@ def test_random_crop_keeps_scale_and_clips():
 
 
 def test_collate_pads_to_a_multiple_of_the_patch():
-    a = (np.ones((30, 20, 3), np.uint8), {'boxes': torch.zeros(0, 4)})
-    b = (np.ones((10, 40, 3), np.uint8)[::-1], {'boxes': torch.zeros(2, 4)})  # a view with negative strides
+    a = (torch.ones(30, 20, 3, dtype=torch.uint8), {'boxes': torch.zeros(0, 4)})
+    b = (torch.ones(40, 10, 3, dtype=torch.uint8).transpose(0, 1), {'boxes': torch.zeros(2, 4)})  # a strided view
     images, targets = collate([a, b], multiple=16)
     assert images.shape == (2, 32, 48, 3) and images.dtype == torch.uint8 and len(targets[1]['boxes']) == 2
     assert images[0, :30, :20].all() and images[0, 30:].sum() == 0 and images[0, :, 20:].sum() == 0
