@@ -1,17 +1,13 @@
-"""Evaluate a fine-tuned detector: the per-class table, a JSON of the same numbers, and label/prediction pictures.
+"""Evaluate detections: the per-class table, JSON, label/prediction pictures, DOTA merging and submission files.
 
-    python evaluate.py --ckpt runs/finetune/best.pt [--data synthetic] [--json out.json]
+    python evaluate.py --ckpt runs/finetune/best.pt                      # the model on the val tiles (coco table)
+    python evaluate.py --ckpt runs/finetune/best.pt --data dota --merge --labels DOTA/val/labelTxt --protocol dota
+        # tiles -> full images (class-wise NMS across seams) -> the official DOTA number + Task2_<class>.txt files
+    python evaluate.py --dets submission/ --labels DOTA/val/labelTxt --protocol dota   # offline, no model
 
-Metric (COCO-style, computed here from scratch in numpy, matching pycocotools' bbox evaluation to 1e-6 when
-pycocotools is given maxDets >= the number of detections and one 'all' area range):
-- per image and class, detections in stable order of descending score; each takes the highest-IoU still-unmatched
-  GT with IoU >= t, non-difficult GT preferred; a detection matched to a difficult GT is ignored (neither TP nor
-  FP) and difficult GT do not count in #GT. IoU is continuous (no +1 pixel convention).
-- t in np.linspace(.5, .95, 10); AP is the 101-point interpolated precision (precision envelope, recall points
-  found by searchsorted(..., 'left'), zero past the highest recall reached); mAP is the mean over classes that
-  have GT. No cap on detections per image.
-- Precision and Recall columns are read at one global confidence: the one that maximizes the mean F1 over classes
-  at IoU 0.5 (the Ultralytics convention, without its curve smoothing). #Pred counts detections above --conf.
+The metrics and their exact semantics are in metrics.py: `coco` (default; IoU .50:.05:.95, 101-point AP, difficult
+ignored, no cap on detections, Precision/Recall at the best mean-F1 confidence) and `dota` (the official DOTA
+task-2: VOC07 11-point AP at IoU > 0.5 with the +1 pixel convention). --sizes adds AP by object size.
 """
 import argparse
 import json
@@ -21,100 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data import make_loader, resolve_data, to_input
+from data import CLASSES, LabelError, make_loader, parse_label_file, parse_tile_name, resolve_data, to_input
+from metrics import SIZE_BINS, evaluate_coco, evaluate_dota
 from model import Detector, build_vit, postprocess
 
-IOU_THRS = np.linspace(0.5, 0.95, 10)
-REC_THRS = np.linspace(0.0, 1.0, 101)
 
-
-# ------------------------------------------------------------------------------------------------- matching
-def box_iou(a, b):
-    """(n, 4) x (m, 4) xyxy -> (n, m) IoU, float64, continuous coordinates."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def match_image(det_boxes, gt_boxes, gt_ignore, iou_thrs=IOU_THRS):
-    """Greedy matching of one image and class at all thresholds at once. det_boxes must be sorted by descending
-    score. -> tp (T, D) bool, ignored (T, D) bool."""
-    T, D, G = len(iou_thrs), len(det_boxes), len(gt_boxes)
-    tp, ignored = np.zeros((T, D), bool), np.zeros((T, D), bool)
-    if D == 0 or G == 0:
-        return tp, ignored
-    iou = box_iou(det_boxes, gt_boxes)  # (D, G)
-    thr = np.minimum(iou_thrs, 1 - 1e-10)[:, None]  # (T, 1), as pycocotools
-    taken = np.zeros((T, G), bool)
-    bonus = np.where(gt_ignore, 0.0, 2.0)  # non-difficult GT win over difficult ones
-    # Only detections that reach the lowest threshold with some GT can match; the rest are FP at every t and do
-    # not change the state, so the sequential loop runs over the few that can.
-    for d in np.flatnonzero(iou.max(1) >= thr.min()):
-        ok = ~taken & (iou[d] >= thr)  # (T, G) candidates
-        score = np.where(ok, iou[d] + bonus, -1.0)
-        g = score.argmax(1)  # (T,)
-        hit = score[np.arange(T), g] >= 0
-        taken[np.arange(T)[hit], g[hit]] = True
-        tp[hit, d] = ~gt_ignore[g[hit]]
-        ignored[hit, d] = gt_ignore[g[hit]]
-    return tp, ignored
-
-
-def evaluate(preds, gts, num_classes, difficult='ignore', max_dets=None):
-    """preds: list of dicts (boxes (D, 4), scores (D,), labels (D,)); gts: list of dicts (boxes, labels, difficult),
-    numpy or torch, one per image. -> dict of per-class arrays: n_gt, n_pred, ap (C, T) (nan: no GT),
-    precision, recall (at the global best-F1 confidence), conf."""
-    T = len(IOU_THRS)
-    records = [[] for _ in range(num_classes)]  # per class: (scores (D,), tp (T, D), ignored (T, D))
-    n_gt, n_pred = np.zeros(num_classes, int), np.zeros(num_classes, int)
-    for p, g in zip(preds, gts):
-        p = {k: np.asarray(v) for k, v in p.items() if k in ('boxes', 'scores', 'labels')}
-        gb, gl = np.asarray(g['boxes']).reshape(-1, 4), np.asarray(g['labels'])
-        gi = np.asarray(g['difficult'], bool) if difficult == 'ignore' else np.zeros(len(gl), bool)
-        for c in np.union1d(np.unique(gl), np.unique(p['labels'])).astype(int):
-            d = np.flatnonzero(p['labels'] == c)
-            d = d[np.argsort(-p['scores'][d], kind='stable')][:max_dets]
-            gc = gl == c
-            tp, ig = match_image(p['boxes'][d], gb[gc], gi[gc])
-            records[c].append((p['scores'][d], tp, ig))
-            n_gt[c] += int((~gi[gc]).sum())
-            n_pred[c] += len(d)
-    ap = np.full((num_classes, T), np.nan)
-    px = np.linspace(0, 1, 1000)  # confidence grid for the P/R/F1 curves
-    p_curve, r_curve = np.zeros((num_classes, 1000)), np.zeros((num_classes, 1000))
-    for c in np.flatnonzero(n_gt > 0):
-        if records[c]:
-            scores = np.concatenate([r[0] for r in records[c]])
-            order = np.argsort(-scores, kind='mergesort')  # as pycocotools
-            tp = np.concatenate([r[1] for r in records[c]], 1)[:, order]
-            fp = ~tp & ~np.concatenate([r[2] for r in records[c]], 1)[:, order]
-            scores = scores[order]
-        else:
-            scores, tp, fp = np.zeros(0), np.zeros((T, 0), bool), np.zeros((T, 0), bool)
-        tpc, fpc = tp.cumsum(1), fp.cumsum(1)  # (T, D)
-        recall = tpc / n_gt[c]
-        precision = tpc / np.maximum(tpc + fpc, np.spacing(1))
-        precision = np.maximum.accumulate(precision[:, ::-1], 1)[:, ::-1]  # envelope: non-increasing
-        for t in range(T):
-            i = np.searchsorted(recall[t], REC_THRS, side='left')
-            ap[c, t] = np.where(i < len(scores), precision[t][np.minimum(i, len(scores) - 1)], 0.0).mean() \
-                if len(scores) else 0.0
-        if len(scores):  # raw (not enveloped) curves at IoU 0.5 as functions of confidence
-            raw_p = tpc[0] / np.maximum(tpc[0] + fpc[0], 1)
-            r_curve[c] = np.interp(-px, -scores, recall[0], left=0)
-            p_curve[c] = np.interp(-px, -scores, raw_p, left=1)
-    has = n_gt > 0
-    f1 = 2 * p_curve * r_curve / np.maximum(p_curve + r_curve, 1e-16)
-    best = int(f1[has].mean(0).argmax()) if has.any() else 0
-    return {'n_gt': n_gt, 'n_pred': n_pred, 'ap': ap, 'precision': p_curve[:, best], 'recall': r_curve[:, best],
-            'conf': float(px[best])}
-
-
+# ------------------------------------------------------------------------------------------------- tables
 def format_table(res, class_names):
     """The per-class table: an All row, then one row per class with GT."""
     has = res['n_gt'] > 0
@@ -132,16 +40,151 @@ def format_table(res, class_names):
     return '\n'.join(rows)
 
 
-def summary(res, class_names):
-    """JSON-ready numbers: map50, map (50-95) and the per-class rows."""
+def format_dota_table(res, class_names):
+    """The official protocol's table: every class of the class list (mAP is their mean)."""
+    rows = [f'{"Class":<20}{"#GT":>8}{"#Pred":>9}{"Recall":>9}{"AP50 (VOC07)":>14}',
+            f'{"All (mAP)":<20}{res["n_gt"].sum():>8d}{res["n_pred"].sum():>9d}{res["recall"].mean():>9.3f}'
+            f'{res["ap"].mean():>14.4f}']
+    rows += [f'{name:<20}{res["n_gt"][c]:>8d}{res["n_pred"][c]:>9d}{res["recall"][c]:>9.3f}{res["ap"][c]:>14.4f}'
+             for c, name in enumerate(class_names)]
+    return '\n'.join(rows)
+
+
+def format_size_table(res, class_names):
+    """AP50 and AP50-95 by object size (coco protocol, by_size=True); '-' where a class has no GT of that size."""
+    rows = [f'{"Class":<20}' + ''.join(f'{name + " 50":>12}{name + " 50-95":>15}' for name, _, _ in SIZE_BINS)]
+    for c in [None] + list(np.flatnonzero(res['n_gt'] > 0)):
+        cells = []
+        for name, _, _ in SIZE_BINS:
+            ap = res['ap_size'][name]
+            v = ap[~np.isnan(ap[:, 0])] if c is None else ap[c:c + 1][~np.isnan(ap[c:c + 1, 0])]
+            cells += [f'{v[:, 0].mean():>12.3f}{v.mean():>15.3f}' if len(v) else f'{"-":>12}{"-":>15}']
+        rows.append(f'{"All" if c is None else class_names[c]:<20}' + ''.join(cells))
+    return '\n'.join(rows)
+
+
+def summary(res, class_names, protocol='coco'):
+    """JSON-ready numbers of either protocol."""
+    if protocol == 'dota':
+        return {'protocol': 'dota', 'map50_voc07': float(res['ap'].mean()), 'classes': {
+            name: {'n_gt': int(res['n_gt'][c]), 'n_pred': int(res['n_pred'][c]), 'recall': float(res['recall'][c]),
+                   'ap50_voc07': float(res['ap'][c])} for c, name in enumerate(class_names)}}
     has = res['n_gt'] > 0
-    out = {'map50': float(res['ap'][has, 0].mean()) if has.any() else 0.0,
+    out = {'protocol': 'coco', 'map50': float(res['ap'][has, 0].mean()) if has.any() else 0.0,
            'map': float(res['ap'][has].mean()) if has.any() else 0.0, 'conf': res['conf'], 'classes': {}}
     for c in np.flatnonzero(has):
         out['classes'][class_names[c]] = {
             'n_gt': int(res['n_gt'][c]), 'n_pred': int(res['n_pred'][c]), 'precision': float(res['precision'][c]),
             'recall': float(res['recall'][c]), 'map50': float(res['ap'][c, 0]), 'map': float(res['ap'][c].mean())}
+    if 'ap_size' in res:
+        out['sizes'] = {}
+        for name, ap in res['ap_size'].items():
+            ok = ~np.isnan(ap[:, 0])
+            out['sizes'][name] = {'map50': float(ap[ok, 0].mean()) if ok.any() else None,
+                                  'map': float(ap[ok].mean()) if ok.any() else None,
+                                  'classes': {class_names[c]: {'map50': float(ap[c, 0]), 'map': float(ap[c].mean())}
+                                              for c in np.flatnonzero(ok)}}
     return out
+
+
+# ------------------------------------------------------------------------------------------------- files
+def read_labels(label_dir, class_names):
+    """{image id: GT dict} from a labelTxt folder. Boxes are the polygons' min/max, unclipped, nothing dropped:
+    what the official evaluation sees."""
+    files = sorted(Path(label_dir).glob('*.txt'))
+    if not files:
+        raise FileNotFoundError(f'no label files (*.txt) in {label_dir}')
+    gts = {}
+    for f in files:
+        polys, labels, difficult, _ = parse_label_file(f, class_names)
+        xy = polys.reshape(-1, 4, 2)
+        gts[f.stem] = {'boxes': np.concatenate([xy.min(1), xy.max(1)], 1).astype(np.float64), 'labels': labels,
+                       'difficult': difficult > 0}
+    return gts
+
+
+def read_submission(det_dir, class_names, image_ids):
+    """{image id: detections} from DOTA task-2 files DET_DIR/Task2_<class>.txt, lines `image score x1 y1 x2 y2`.
+    A missing class file means no detections of that class."""
+    files = sorted(Path(det_dir).glob('Task2_*.txt'))
+    if not files:
+        raise FileNotFoundError(f'no Task2_<class>.txt files in {det_dir}')
+    index = {name: i for i, name in enumerate(class_names)}
+    rows = {i: [] for i in image_ids}
+    for f in files:
+        name = f.stem[len('Task2_'):]
+        if name not in index:
+            raise LabelError(f'{f}: unknown class {name!r}; known: {", ".join(class_names)}')
+        for lineno, line in enumerate(f.read_text().splitlines(), 1):
+            tok = line.split()
+            if not tok:
+                continue
+            try:
+                if len(tok) != 6:
+                    raise ValueError
+                values = [float(t) for t in tok[1:]]
+            except ValueError:
+                raise LabelError(f"{f}:{lineno}: expected 'image score x1 y1 x2 y2', got {line.strip()!r}") from None
+            if tok[0] not in rows:
+                raise LabelError(f'{f}:{lineno}: image {tok[0]!r} has no label file in the labels folder')
+            rows[tok[0]].append([index[name], *values])
+    out = {}
+    for i, r in rows.items():
+        r = np.asarray(r, np.float64).reshape(-1, 6)
+        out[i] = {'labels': r[:, 0].astype(np.int64), 'scores': r[:, 1], 'boxes': r[:, 2:]}
+    return out
+
+
+def write_submission(out_dir, dets, class_names):
+    """DOTA task-2 submission files OUT_DIR/Task2_<class>.txt from {image id: detections}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = {c: [] for c in range(len(class_names))}
+    for image_id, d in sorted(dets.items()):
+        for c, s, b in zip(np.asarray(d['labels']), np.asarray(d['scores']), np.asarray(d['boxes'])):
+            lines[int(c)].append(f'{image_id} {s:.6f} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}\n')
+    for c, name in enumerate(class_names):
+        (out_dir / f'Task2_{name}.txt').write_text(''.join(lines[c]))
+
+
+# ------------------------------------------------------------------------------------------------- merging
+def nms(boxes, scores, iou_thr):
+    """Exact greedy NMS (the sequential definition) without a loop over boxes: in rounds, a box is kept when no
+    higher-scored box that is kept or still undecided overlaps it by more than iou_thr, and suppressed when a kept
+    one does. The rounds are as many as the longest chain of overlaps (a few). -> kept indices, by score."""
+    order = scores.argsort(descending=True, stable=True)
+    b = boxes[order]
+    lt, rb = torch.maximum(b[:, None, :2], b[None, :, :2]), torch.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    over = (inter / (area[:, None] + area[None] - inter).clamp(min=1e-9) > iou_thr).triu(1)  # over[i, j]: i > j
+    state = torch.zeros(len(b), dtype=torch.int8)  # 0 undecided, 1 kept, -1 suppressed
+    while (state == 0).any():
+        alive = (state >= 0).to(torch.int8)
+        blocked = (over.to(torch.int8) * alive[:, None]).any(0)  # a higher-scored kept/undecided box overlaps
+        state[(state == 0) & ~blocked] = 1
+        state[(state == 0) & (over & (state == 1)[:, None]).any(0)] = -1
+    return order[state == 1]
+
+
+def merge_tiles(tile_dets, iou_thr=0.5):
+    """{tile name: detections in tile pixels} -> {image id: detections in full-image pixels}: a box p of tile
+    <id>__<rate>__<left>___<top> becomes (p + (left, top)) / rate; then class-wise NMS removes the duplicates that
+    overlapping tiles produce along their seams."""
+    by_image = {}
+    for name, d in tile_dets.items():
+        image_id, rate, left, top = parse_tile_name(name)
+        boxes = (torch.as_tensor(d['boxes'], dtype=torch.float64) + torch.tensor([left, top, left, top])) / rate
+        by_image.setdefault(image_id, []).append((boxes, torch.as_tensor(d['scores'], dtype=torch.float64),
+                                                  torch.as_tensor(d['labels'])))
+    merged = {}
+    for image_id, parts in by_image.items():
+        boxes, scores, labels = (torch.cat(x) for x in zip(*parts))
+        keep = torch.cat([torch.nonzero(labels == c).squeeze(1)[nms(boxes[labels == c], scores[labels == c], iou_thr)]
+                          for c in labels.unique()] + [torch.zeros(0, dtype=torch.long)])
+        keep = keep[scores[keep].argsort(descending=True, stable=True)]
+        merged[image_id] = {'boxes': boxes[keep].numpy(), 'scores': scores[keep].numpy(), 'labels': labels[keep].numpy()}
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------- pictures
@@ -179,29 +222,44 @@ def draw_grid(images, dets, class_names, path, tile=384, min_score=0.25):
 
 
 # ------------------------------------------------------------------------------------------------- model mode
+def score(preds, gts, class_names, protocol='coco', difficult='ignore', max_dets=None, sizes=False):
+    """Evaluate with either protocol -> (result dict, printable text)."""
+    if protocol == 'dota':
+        res = evaluate_dota(preds, gts, len(class_names))
+        return res, format_dota_table(res, class_names)
+    res = evaluate_coco(preds, gts, len(class_names), difficult, max_dets, by_size=sizes)
+    text = format_table(res, class_names)
+    return res, text + ('\n\nAP by object size (sqrt of box area, px)\n' + format_size_table(res, class_names)
+                        if sizes else '')
+
+
 @torch.no_grad()
-def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_dir=None, n_pictures=3,
-             difficult='ignore'):
-    """Inference over a loader, evaluation, and (if out_dir) the val_batch{k}_labels/_pred.jpg pictures.
-    -> (result dict of `evaluate`, table string)."""
+def predict(model, loader, device, conf=0.001, max_det=1000):
+    """Yield (images, targets, detections) batch by batch."""
     model.eval()
-    preds, gts = [], []
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
-    for k, (images, targets) in enumerate(loader):
+    for images, targets in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
             out = model(to_input(images, device))
-        dets = postprocess(out, max_det, conf, [t['size'] for t in targets])  # boxes clipped to the unpadded image
+        yield images, targets, postprocess(out, max_det, conf, [t['size'] for t in targets])  # unpadded sizes
+
+
+def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_dir=None, n_pictures=3,
+             difficult='ignore', protocol='coco', sizes=False):
+    """Inference, evaluation on the loader's images, and (if out_dir) the val_batch{k}_labels/_pred.jpg pictures.
+    -> (result dict, table)."""
+    preds, gts = [], []
+    for k, (images, targets, dets) in enumerate(predict(model, loader, device, conf, max_det)):
         preds += dets
         gts += targets
         if out_dir is not None and k < n_pictures:
             draw_grid(images, targets, class_names, Path(out_dir) / f'val_batch{k}_labels.jpg')
             draw_grid(images, dets, class_names, Path(out_dir) / f'val_batch{k}_pred.jpg')
-    res = evaluate(preds, gts, len(class_names), difficult)
-    return res, format_table(res, class_names)
+    return score(preds, gts, class_names, protocol, difficult, sizes=sizes)
 
 
 def load_detector(path, device):
-    """A Detector from a finetune.py checkpoint -> (model, the checkpoint's args dict)."""
+    """A Detector from a finetune.py checkpoint -> (model, the checkpoint)."""
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     a = ckpt['args']
     model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'])
@@ -211,7 +269,18 @@ def load_detector(path, device):
 
 def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--ckpt', required=True, help='a finetune.py checkpoint (best.pt or last.pt)')
+    ap.add_argument('--ckpt', default=None, help='a finetune.py checkpoint (model mode)')
+    ap.add_argument('--dets', default=None, help='a folder of Task2_<class>.txt files (offline mode, needs --labels)')
+    ap.add_argument('--labels', default=None, help='labelTxt folder of the full images (offline mode and --merge)')
+    ap.add_argument('--protocol', choices=['coco', 'dota'], default='coco', help='coco-style table or the official '
+                                                                                'DOTA task-2 number (default: %(default)s)')
+    ap.add_argument('--sizes', action='store_true', help='also print AP by object size (coco protocol)')
+    ap.add_argument('--merge', action='store_true', help='model mode: map tile detections to full images (tile names '
+                    '<id>__<rate>__<left>___<top>), NMS across seams, evaluate against --labels, write submission files')
+    ap.add_argument('--nms-iou', type=float, default=0.5, help='IoU above which --merge drops the lower-scored of '
+                                                               'two same-class boxes (default: %(default)s)')
+    ap.add_argument('--classes', default=None, choices=list(CLASSES), help="class list; default: the checkpoint's "
+                                                                          "(offline: 'dota1.0')")
     ap.add_argument('--data', default=None, help="dataset folder or name ('synthetic', 'dota'); default: the one "
                                                  'the checkpoint was trained on')
     ap.add_argument('--split', default='val', help='split folder to evaluate (default: %(default)s)')
@@ -222,10 +291,14 @@ def get_parser():
     ap.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default: %(default)s)')
     ap.add_argument('--conf', type=float, default=0.001, help='score floor for detections (default: %(default)s)')
     ap.add_argument('--max-det', type=int, default=1000, help='top-K detections per image (default: %(default)s)')
+    ap.add_argument('--max-dets', type=int, default=None, help='coco protocol: evaluate only the top N detections '
+                                                               'per image and class (default: all)')
     ap.add_argument('--difficult', choices=['ignore', 'normal'], default='ignore',
-                    help='difficult GT: ignored (neither TP nor FP, not in #GT) or counted (default: %(default)s)')
+                    help='coco protocol: difficult GT ignored (neither TP nor FP, not in #GT) or counted '
+                         '(default: %(default)s)')
     ap.add_argument('--json', default=None, help='also write the numbers to this JSON file')
-    ap.add_argument('--out', default=None, help='folder for the pictures (default: the checkpoint folder)')
+    ap.add_argument('--out', default=None, help='folder for pictures and submission files (default: the checkpoint '
+                                                "folder; offline: don't write)")
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
     ap.add_argument('--workers', type=int, default=2, help='data-loader processes (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
@@ -235,22 +308,51 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    model, ckpt = load_detector(args.ckpt, device)
-    a = ckpt['args']
-    for flag in ('model', 'patch_size'):
-        if getattr(args, flag) not in (None, a[flag]):
-            raise SystemExit(f'--{flag.replace("_", "-")} {getattr(args, flag)} does not match the checkpoint ({a[flag]})')
-    class_names = ckpt['class_names']
-    loader = make_loader(resolve_data(args.data or a['data']), args.split, class_names, None, args.batch_size,
-                         False, args.workers, a['patch_size'])
-    out = Path(args.out or Path(args.ckpt).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    res, table = run_eval(model, loader, class_names, device, args.conf, args.max_det, out, difficult=args.difficult)
-    print(table)
-    print(f'pictures: {out}/val_batch{{0,1,2}}_{{labels,pred}}.jpg')
+    if args.dets:  # offline: submission files against label files, no model
+        if not args.labels:
+            raise SystemExit('--dets needs --labels (the labelTxt folder of the same images)')
+        class_names = CLASSES[args.classes or 'dota1.0']
+        gts = read_labels(args.labels, class_names)
+        dets = read_submission(args.dets, class_names, list(gts))
+        res, text = score([dets[i] for i in gts], list(gts.values()), class_names, args.protocol, args.difficult,
+                          args.max_dets, args.sizes)
+    elif args.ckpt:
+        device = torch.device(args.device)
+        model, ckpt = load_detector(args.ckpt, device)
+        a, class_names = ckpt['args'], ckpt['class_names']
+        for flag in ('model', 'patch_size'):
+            if getattr(args, flag) not in (None, a[flag]):
+                raise SystemExit(f'--{flag.replace("_", "-")} {getattr(args, flag)} does not match the checkpoint '
+                                 f'({a[flag]})')
+        loader = make_loader(resolve_data(args.data or a['data']), args.split, class_names, None, args.batch_size,
+                             False, args.workers, a['patch_size'])
+        out = Path(args.out or Path(args.ckpt).parent)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.merge:
+            if not args.labels:
+                raise SystemExit('--merge needs --labels (the labelTxt folder of the full images)')
+            tile_dets = {t['name']: d for _, targets, dets in predict(model, loader, device, args.conf, args.max_det)
+                         for t, d in zip(targets, dets)}
+            merged = merge_tiles(tile_dets, args.nms_iou)
+            gts = read_labels(args.labels, class_names)
+            missing = sorted(set(merged) - set(gts))
+            if missing:
+                raise SystemExit(f'tiles of {len(missing)} images without a label file in {args.labels}, e.g. '
+                                 f'{missing[0]}')
+            write_submission(out / 'submission', merged, class_names)
+            empty = {'boxes': np.zeros((0, 4)), 'scores': np.zeros(0), 'labels': np.zeros(0, np.int64)}
+            res, text = score([merged.get(i, empty) for i in gts], list(gts.values()), class_names, args.protocol,
+                              args.difficult, args.max_dets, args.sizes)
+            text += f'\nsubmission files: {out / "submission"}/Task2_<class>.txt'
+        else:
+            res, text = run_eval(model, loader, class_names, device, args.conf, args.max_det, out,
+                                 difficult=args.difficult, protocol=args.protocol, sizes=args.sizes)
+            text += f'\npictures: {out}/val_batch{{0,1,2}}_{{labels,pred}}.jpg'
+    else:
+        raise SystemExit('give --ckpt (evaluate a model) or --dets with --labels (evaluate submission files)')
+    print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary(res, class_names), indent=2))
+        Path(args.json).write_text(json.dumps(summary(res, class_names, args.protocol), indent=2))
 
 
 if __name__ == '__main__':

@@ -25,10 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import (IMG_EXTS, LabelError, Problems, load_labels, parse_tile_name, polygon_area, read_image)
-
-SIZE_BINS = (('tiny', 0, 16), ('small', 16, 32), ('medium', 32, 96), ('large', 96, float('inf')))
-
+from data import IMG_EXTS, LabelError, Problems, load_labels, polygon_area, read_image
+from metrics import SIZE_BINS
 
 # ------------------------------------------------------------------------------------------------- geometry
 def windows(length, size, gap):

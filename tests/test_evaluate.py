@@ -1,10 +1,19 @@
-"""The evaluator on hand-worked cases, and against pycocotools on random cases."""
+"""The official DOTA protocol, AP by size, submission files, NMS and merging tiles back into full images."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 
-from evaluate import box_iou, evaluate, format_table, summary
+from conftest import ROOT
+from data import CLASSES, LabelError, parse_label_file
+from evaluate import merge_tiles, nms, read_labels, read_submission, write_submission
+from metrics import box_iou, evaluate_coco, evaluate_dota
+from prepare import split
 
-HALF = 51 / 101  # AP when precision is 1 up to recall 0.5 and nothing is found beyond: 51 of 101 recall points
+V1 = CLASSES['dota1.0']
 
 
 def dets(boxes, scores, labels=None):
@@ -15,132 +24,123 @@ def dets(boxes, scores, labels=None):
 
 def gts(boxes, labels=None, difficult=None):
     boxes = np.asarray(boxes, float).reshape(-1, 4)
-    n = len(boxes)
-    return {'boxes': boxes, 'labels': np.zeros(n, int) if labels is None else np.asarray(labels),
-            'difficult': np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool)}
+    return {'boxes': boxes, 'labels': np.zeros(len(boxes), int) if labels is None else np.asarray(labels),
+            'difficult': np.zeros(len(boxes), bool) if difficult is None else np.asarray(difficult, bool)}
 
 
-A, B = [0, 0, 10, 10], [20, 20, 30, 30]
+def test_iou_048_continuous_052_with_plus_one():
+    gt, det = [0, 0, 10, 12], [0, 0, 10, 5.76]
+    assert box_iou([det], [gt])[0, 0] == pytest.approx(0.48)
+    assert box_iou([det], [gt], plus_one=True)[0, 0] == pytest.approx(0.52)
+    assert evaluate_coco([dets([det], [0.9])], [gts([gt])], 1)['ap'][0, 0] == 0.0
+    assert evaluate_dota([dets([det], [0.9])], [gts([gt])], 1)['ap'][0] == pytest.approx(1.0)
 
 
-def test_duplicate_detection_is_a_false_positive():
-    res = evaluate([dets([A, A], [0.9, 0.8])], [gts([A, B])], 1)
-    np.testing.assert_allclose(res['ap'][0], HALF)
-    assert res['n_gt'][0] == 2 and res['n_pred'][0] == 2
+def test_dota_assigns_each_detection_to_its_max_iou_gt_even_if_taken():
+    a, b = [0, 0, 100, 100], [30, 0, 130, 100]
+    d1, d2 = [0, 0, 100, 100], [10, 0, 110, 100]  # d2: IoU 0.82 with a (taken by d1), 0.67 with b
+    coco = evaluate_coco([dets([d1, d2], [0.9, 0.8])], [gts([a, b])], 1)
+    dota = evaluate_dota([dets([d1, d2], [0.9, 0.8])], [gts([a, b])], 1)
+    assert coco['ap'][0, 0] == pytest.approx(1.0)  # coco: d2 takes the still-free b
+    assert dota['ap'][0] == pytest.approx(6 / 11)  # dota: d2 goes to a, already taken: FP; recall stops at 0.5
 
 
-def test_perfect_detection_of_one_of_two():
-    res = evaluate([dets([A], [0.9])], [gts([A, B])], 1)
-    np.testing.assert_allclose(res['ap'][0], HALF)
-    assert res['recall'][0] == pytest.approx(0.5) and res['precision'][0] == pytest.approx(1.0)
+def test_dota_difficult_ignored_and_gt_cut_to_integers():
+    res = evaluate_dota([dets([[0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.95])],
+                        [gts([[0, 0, 10, 10], [50, 50, 60, 60]], difficult=[0, 1])], 1)
+    assert res['ap'][0] == pytest.approx(1.0) and res['n_gt'][0] == 1  # the hit on the difficult one: no FP
+    # GT (0.9, 0.9, 2.9, 2.9) is read as (0, 0, 2, 2): the detection (0, 0, 2, 2) matches it exactly
+    assert evaluate_dota([dets([[0, 0, 2, 2]], [0.9])], [gts([[0.9, 0.9, 2.9, 2.9]])], 1)['ap'][0] == pytest.approx(1)
+    assert evaluate_coco([dets([[0, 0, 2, 2]], [0.9])], [gts([[0.9, 0.9, 2.9, 2.9]])], 1)['ap'][0, 0] == 0.0
 
 
-def test_300_objects_in_one_image_no_cap():
-    xy = np.stack(np.meshgrid(np.arange(20), np.arange(15)), -1).reshape(-1, 2) * 12.0  # 300 boxes of 10 px
-    boxes = np.concatenate([xy, xy + 10], 1)
-    res = evaluate([dets(boxes, np.linspace(1, 0.5, 300))], [gts(boxes)], 1)
-    np.testing.assert_allclose(res['ap'][0], 1.0)
-    # a cap of 100 detections (pycocotools' default) would find a third of them
-    capped = evaluate([dets(boxes, np.linspace(1, 0.5, 300))], [gts(boxes)], 1, max_dets=100)
-    assert capped['ap'][0, 0] < 0.35
+def test_dota_voc07_points_and_mean_over_the_fixed_class_list():
+    res = evaluate_dota([dets([[0, 0, 10, 10]], [0.9])], [gts([[0, 0, 10, 10], [20, 20, 30, 30]])], 3)
+    assert res['ap'][0] == pytest.approx(6 / 11)  # precision 1 at recall 0, .1, ..., .5
+    assert res['ap'][1:].tolist() == [0, 0] and res['ap'].mean() == pytest.approx(6 / 33)
 
 
-@pytest.mark.parametrize('hit', [True, False])
-def test_difficult_ground_truth(hit):
-    det = dets([A, B], [0.9, 0.8]) if hit else dets([A], [0.9])
-    ignore = evaluate([det], [gts([A, B], difficult=[0, 1])], 1, difficult='ignore')
-    normal = evaluate([det], [gts([A, B], difficult=[0, 1])], 1, difficult='normal')
-    np.testing.assert_allclose(ignore['ap'][0], 1.0)  # a hit on a difficult GT is neither TP nor FP
-    assert ignore['n_gt'][0] == 1 and normal['n_gt'][0] == 2
-    np.testing.assert_allclose(normal['ap'][0], 1.0 if hit else HALF)
+def test_ap_by_size_ignores_other_sizes_like_coco_area_ranges():
+    tiny, medium = [0, 0, 10, 10], [100, 100, 150, 150]
+    res = evaluate_coco([dets([[300, 300, 310, 310], tiny, medium], [0.9, 0.8, 0.7])], [gts([tiny, medium])], 1,
+                        by_size=True)
+    size = res['ap_size']
+    assert size['tiny'][0, 0] == pytest.approx(0.5)  # the tiny FP ranks first; the medium hit is ignored here
+    assert size['medium'][0, 0] == pytest.approx(1.0)  # the tiny FP and the tiny hit are ignored here
+    assert np.isnan(size['small'][0, 0]) and np.isnan(size['large'][0, 0])
 
 
-def test_iou_just_below_threshold_is_a_miss():
-    gt = [0, 0, 100, 100]
-    det = [0, 0, 100, 48]  # IoU 0.48
-    assert box_iou(np.array([det]), np.array([gt]))[0, 0] == pytest.approx(0.48)
-    res = evaluate([dets([det], [0.9])], [gts([gt])], 1)
-    np.testing.assert_allclose(res['ap'][0], 0.0)
+def reference_nms(boxes, scores, thr):
+    order, keep = np.argsort(-scores, kind='stable'), []
+    for i in order:
+        if all(box_iou(boxes[i:i + 1], boxes[k:k + 1])[0, 0] <= thr for k in keep):
+            keep.append(i)
+    return keep
 
 
-def test_tied_scores_keep_input_order():
-    far = [50, 50, 60, 60]
-    fp_first = evaluate([dets([far, A], [0.5, 0.5])], [gts([A])], 1)
-    tp_first = evaluate([dets([A, far], [0.5, 0.5])], [gts([A])], 1)
-    np.testing.assert_allclose(fp_first['ap'][0], 0.5)
-    np.testing.assert_allclose(tp_first['ap'][0], 1.0)
-
-
-def test_class_with_gt_and_no_detections_scores_zero_and_table_prints():
-    res = evaluate([dets([A], [0.9], [0])], [gts([A, B], labels=[0, 1])], 2)
-    np.testing.assert_allclose(res['ap'][1], 0.0)
-    names = ['plane', 'ship']
-    table = format_table(res, names)
-    assert table.splitlines()[0].split() == ['Class', '#GT', '#Pred', 'Precision', 'Recall', 'mAP50', 'mAP50-95']
-    assert [r.split()[0] for r in table.splitlines()[1:]] == ['All', 'plane', 'ship']
-    assert summary(res, names)['map50'] == pytest.approx(0.5)
-
-
-def _coco_ap(gt_list, det_list, num_classes):
-    """Per-class AP (C, T) from pycocotools with maxDets raised and one 'all' area range."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    images, anns, results = [], [], []
-    for i, (g, d) in enumerate(zip(gt_list, det_list)):
-        images.append({'id': i, 'width': 1000, 'height': 1000})
-        for b, c in zip(g['boxes'], g['labels']):
-            anns.append({'id': len(anns) + 1, 'image_id': i, 'category_id': int(c), 'iscrowd': 0,
-                         'bbox': [b[0], b[1], b[2] - b[0], b[3] - b[1]], 'area': (b[2] - b[0]) * (b[3] - b[1])})
-        for b, s, c in zip(d['boxes'], d['scores'], d['labels']):
-            results.append({'image_id': i, 'category_id': int(c), 'score': float(s),
-                            'bbox': [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
-    coco = COCO()
-    coco.dataset = {'images': images, 'annotations': anns,
-                    'categories': [{'id': c} for c in range(num_classes)]}
-    coco.createIndex()
-    ev = COCOeval(coco, coco.loadRes(results), 'bbox')
-    ev.params.maxDets, ev.params.areaRng, ev.params.areaRngLbl = [10000], [[0, 1e10]], ['all']
-    ev.evaluate()
-    ev.accumulate()
-    prec = ev.eval['precision'][:, :, :, 0, 0]  # (T, R, K)
-    return np.where((prec > -1).all(1), prec.mean(1), np.nan).T  # (K, T)
-
-
-def random_case(rng, num_classes=3):
-    gt_list, det_list = [], []
-    for _ in range(int(rng.integers(1, 6))):
-        n = int(rng.integers(0, 15))
-        xy = rng.integers(0, 200, (n, 2))
-        boxes = np.concatenate([xy, xy + rng.integers(4, 60, (n, 2))], 1).astype(float)
-        labels = rng.integers(0, num_classes, n)
-        gt_list.append(gts(boxes, labels))
-        jitter = boxes + rng.normal(0, 3, boxes.shape)  # near-hits, some duplicates, some junk
-        twice = rng.random(n) < 0.3
-        dup = boxes[twice] + rng.normal(0, 3, (int(twice.sum()), 4))
-        m = int(rng.integers(0, 8))
-        junk_xy = rng.uniform(0, 200, (m, 2))
-        junk = np.concatenate([junk_xy, junk_xy + rng.uniform(4, 60, (m, 2))], 1)
-        keep = rng.random(n) < 0.85
-        dboxes = np.concatenate([jitter[keep], dup, junk])
-        dlabels = np.concatenate([labels[keep], labels[twice], rng.integers(0, num_classes, m)])
-        dboxes[:, 2:] = np.maximum(dboxes[:, 2:], dboxes[:, :2] + 1)
-        det_list.append(dets(dboxes, rng.permutation(len(dboxes)) / len(dboxes) * 0.9 + rng.random() * 0.05,
-                             dlabels))
-    return gt_list, det_list
-
-
-def test_matches_pycocotools_on_random_cases():
-    pytest.importorskip('pycocotools', reason='pycocotools is in requirements-dev.txt')
+def test_nms_equals_the_sequential_greedy_definition():
     rng = np.random.default_rng(0)
-    compared = 0
-    while compared < 60:
-        gt_list, det_list = random_case(rng)
-        if sum(len(d['boxes']) for d in det_list) == 0:
-            continue  # pycocotools cannot load an empty result list
-        scores = np.concatenate([d['scores'] for d in det_list])
-        if len(np.unique(scores)) < len(scores):
-            continue  # tie order is implementation-defined between images; unique scores only
-        ours = evaluate(det_list, gt_list, 3)['ap']
-        theirs = _coco_ap(gt_list, det_list, 3)
-        np.testing.assert_allclose(ours, theirs, atol=1e-6, equal_nan=True)
-        compared += 1
+    for _ in range(20):
+        xy = rng.uniform(0, 60, (80, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (80, 2))], 1)
+        scores = rng.permutation(80) / 80
+        got = nms(torch.tensor(boxes), torch.tensor(scores), 0.4).tolist()
+        assert got == reference_nms(boxes, scores, 0.4)
+
+
+def test_merge_maps_tiles_back_and_removes_seam_duplicates():
+    tiles = {  # the same object seen by two overlapping tiles, and one object at rate 0.5
+        'P1__1__0___0': dets([[90, 10, 110, 30]], [0.9], [6]),
+        'P1__1__80___0': dets([[10.5, 10, 30.5, 30], [50, 50, 60, 60]], [0.8, 0.7], [6, 6]),
+        'P1__0.5__100___0': dets([[0, 0, 10, 10]], [0.6], [0]),
+    }
+    m = merge_tiles(tiles, 0.5)['P1']
+    np.testing.assert_allclose(m['boxes'], [[90, 10, 110, 30], [130, 50, 140, 60], [200, 0, 220, 20]])
+    assert m['scores'].tolist() == [0.9, 0.7, 0.6] and m['labels'].tolist() == [6, 6, 0]
+
+
+def test_submission_files_round_trip_and_bad_lines(tmp_path):
+    d = {'A': dets([[1, 2, 3, 4.5]], [0.75], [6]), 'B': dets([], [], [])}
+    write_submission(tmp_path / 'sub', d, V1)
+    assert (tmp_path / 'sub' / 'Task2_ship.txt').read_text() == 'A 0.750000 1.00 2.00 3.00 4.50\n'
+    back = read_submission(tmp_path / 'sub', V1, ['A', 'B'])
+    np.testing.assert_allclose(back['A']['boxes'], [[1, 2, 3, 4.5]]) and len(back['B']['boxes']) == 0
+    with pytest.raises(LabelError, match=r"Task2_ship.txt:1: image 'A' has no label file"):
+        read_submission(tmp_path / 'sub', V1, ['B'])
+    (tmp_path / 'sub' / 'Task2_plane.txt').write_text('A 0.5 1 2 3\n')
+    with pytest.raises(LabelError, match=r"Task2_plane.txt:1: expected 'image score x1 y1 x2 y2'"):
+        read_submission(tmp_path / 'sub', V1, ['A', 'B'])
+    (tmp_path / 'sub' / 'Task2_plane.txt').unlink()
+    (tmp_path / 'sub' / 'Task2_ufo.txt').write_text('')
+    with pytest.raises(LabelError, match="unknown class 'ufo'"):
+        read_submission(tmp_path / 'sub', V1, ['A', 'B'])
+
+
+def test_real_sample_tiles_merge_back_and_offline_cli(dota_sample, tmp_path):
+    split(dota_sample, tmp_path / 'tiles', size=512, gap=200, workers=2, classes=V1)
+    manifest = json.loads((tmp_path / 'tiles' / 'manifest.json').read_text())
+    # 'perfect' tile-level detections: each tile's own boxes, the cut copies (difficult = 2) scored lower
+    tile_dets = {t['name']: dets(t['boxes'], np.where(np.array(t['difficult']) == 2, 0.3, 0.9)
+                                 - np.linspace(0, 0.1, len(t['boxes'])), [V1.index(c) for c in t['labels']])
+                 for t in manifest['tiles'] if t['boxes']}
+    merged = merge_tiles(tile_dets, 0.5)
+    write_submission(tmp_path / 'sub', merged, V1)
+    gt = read_labels(dota_sample / 'labelTxt', V1)
+    assert set(merged) == set(gt)
+    res = evaluate_dota([merged[i] for i in gt], list(gt.values()), len(V1))
+    # objects smaller than the 200 px overlap are whole in some tile: recovered once each, at the right place
+    assert res['ap'][V1.index('ship')] > 0.95 and res['ap'][V1.index('small-vehicle')] > 0.95, res['ap']
+    for protocol in ('dota', 'coco'):
+        p = subprocess.run([sys.executable, ROOT / 'evaluate.py', '--dets', tmp_path / 'sub', '--labels',
+                            dota_sample / 'labelTxt', '--protocol', protocol, '--sizes', '--json',
+                            tmp_path / f'{protocol}.json'], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        out = json.loads((tmp_path / f'{protocol}.json').read_text())
+        if protocol == 'dota':
+            assert out['map50_voc07'] == pytest.approx(res['ap'].mean())
+            assert 'All (mAP)' in p.stdout and 'ship' in p.stdout
+        else:
+            assert out['classes']['ship']['n_gt'] == sum(int(((g['labels'] == 6) & ~g['difficult']).sum())
+                                                         for g in gt.values())
+            assert 'AP by object size' in p.stdout and 'sizes' in out
+    assert parse_label_file(dota_sample / 'labelTxt' / 'P0706.txt', V1)[1].tolist().count(6) == 531

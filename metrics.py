@@ -1,0 +1,190 @@
+"""Detection metrics in numpy, written from the protocols' definitions: COCO-style AP and the official DOTA task-2.
+
+Inputs are per image: detections {boxes (D, 4) xyxy, scores (D,), labels (D,)} and ground truth {boxes (G, 4),
+labels (G,), difficult (G,)}, numpy or torch.
+
+coco (the default, the per-class table): per image and class, detections in stable order of descending score; each
+  takes the highest-IoU still-unmatched GT with IoU >= t, non-difficult GT preferred; a detection matched to a
+  difficult GT is ignored (neither TP nor FP) and difficult GT do not count (difficult='ignore'; 'normal' counts
+  them). t in np.linspace(.5, .95, 10) (float64); continuous IoU (no +1); AP = the 101-point interpolated precision
+  (precision envelope, recall points located with searchsorted(..., 'left'), zero past the highest recall reached);
+  mAP = the mean over classes that have GT; no cap on detections unless max_dets is given. These are pycocotools'
+  bbox semantics with maxDets raised and one area range, and the numbers agree with it (tests/test_metrics.py).
+  By object size: GT outside a size bin are ignored and so are unmatched detections outside it (by their own
+  size), COCO's area-range rule, with bins by sqrt(box area): tiny < 16, small 16-32, medium 32-96, large >= 96 px.
+dota (the official DOTA_devkit dota_evaluation_task2): one threshold, IoU > 0.5 (strict); IoU of boxes with the
+  +1 pixel convention; GT corners cut to integers (int(float(x)), as the devkit reads them); detections of a class
+  sorted by descending score over all images (stable here; the devkit's sort is not); each detection is compared
+  with *all* GT of its class in its image and assigned to the max-IoU one: a difficult GT -> ignored, a GT already
+  taken -> FP, else TP; AP is VOC07's 11-point AP (max precision at recall >= 0, 0.1, ..., 1.0, averaged); mAP is
+  the mean over the dataset's fixed class list (a class without GT contributes 0, as in the devkit).
+"""
+import numpy as np
+
+IOU_THRS = np.linspace(0.5, 0.95, 10)
+REC_THRS = np.linspace(0.0, 1.0, 101)
+SIZE_BINS = (('tiny', 0, 16), ('small', 16, 32), ('medium', 32, 96), ('large', 96, float('inf')))
+
+
+def box_iou(a, b, plus_one=False):
+    """(n, 4) x (m, 4) xyxy -> (n, m) IoU in float64; plus_one: VOC/DOTA pixel convention (width = x2 - x1 + 1)."""
+    a, b, e = np.asarray(a, np.float64), np.asarray(b, np.float64), 1.0 if plus_one else 0.0
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt + e, 0, None).prod(-1)
+    area_a = (a[:, 2] - a[:, 0] + e) * (a[:, 3] - a[:, 1] + e)
+    area_b = (b[:, 2] - b[:, 0] + e) * (b[:, 3] - b[:, 1] + e)
+    union = area_a[:, None] + area_b[None] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def sqrt_area(boxes):
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+
+
+# ------------------------------------------------------------------------------------------------- coco
+def match_image(det_boxes, gt_boxes, gt_ignore, iou_thrs=IOU_THRS):
+    """Greedy matching of one image and class at all thresholds at once; det_boxes sorted by descending score.
+    -> tp (T, D) bool, ignored (T, D) bool (matched to an ignored GT)."""
+    T, D, G = len(iou_thrs), len(det_boxes), len(gt_boxes)
+    tp, ignored = np.zeros((T, D), bool), np.zeros((T, D), bool)
+    if D == 0 or G == 0:
+        return tp, ignored
+    iou = box_iou(det_boxes, gt_boxes)  # (D, G)
+    thr = np.minimum(iou_thrs, 1 - 1e-10)[:, None]  # (T, 1), as pycocotools
+    taken = np.zeros((T, G), bool)
+    bonus = np.where(gt_ignore, 0.0, 2.0)  # non-ignored GT win over ignored ones
+    # Only detections that reach the lowest threshold with some GT can match; the others are FP at every t and
+    # change no state, so the sequential loop (each match depends on the previous ones) runs over the few that can.
+    for d in np.flatnonzero(iou.max(1) >= thr.min()):
+        score = np.where(~taken & (iou[d] >= thr), iou[d] + bonus, -1.0)  # (T, G) candidates
+        g = score.argmax(1)  # (T,)
+        hit = score[np.arange(T), g] >= 0
+        taken[np.arange(T)[hit], g[hit]] = True
+        tp[hit, d] = ~gt_ignore[g[hit]]
+        ignored[hit, d] = gt_ignore[g[hit]]
+    return tp, ignored
+
+
+def _coco_curves(records, n_gt):
+    """records: list of (scores (D,), tp (T, D), ignored (T, D)) of one class -> (AP (T,), scores, tp, fp) with
+    the detections sorted by descending score over all images (mergesort: stable, as pycocotools)."""
+    T = len(IOU_THRS)
+    scores = np.concatenate([r[0] for r in records]) if records else np.zeros(0)
+    order = np.argsort(-scores, kind='mergesort')
+    tp = np.concatenate([r[1] for r in records], 1)[:, order] if records else np.zeros((T, 0), bool)
+    ig = np.concatenate([r[2] for r in records], 1)[:, order] if records else np.zeros((T, 0), bool)
+    fp = ~tp & ~ig
+    scores = scores[order]
+    tpc, fpc = tp.cumsum(1), fp.cumsum(1)  # (T, D)
+    recall = tpc / n_gt
+    precision = tpc / np.maximum(tpc + fpc, np.spacing(1))
+    envelope = np.maximum.accumulate(precision[:, ::-1], 1)[:, ::-1]  # non-increasing in recall
+    ap = np.zeros(T)
+    for t in range(T) if len(scores) else ():
+        i = np.searchsorted(recall[t], REC_THRS, side='left')
+        ap[t] = np.where(i < len(scores), envelope[t][np.minimum(i, len(scores) - 1)], 0.0).mean()
+    return ap, scores, tpc, fpc
+
+
+def evaluate_coco(preds, gts, num_classes, difficult='ignore', max_dets=None, by_size=False):
+    """-> dict: n_gt (C,), n_pred (C,), ap (C, T) (nan where no GT), precision and recall (C,) at the confidence
+    `conf` that maximizes the mean F1 over classes at IoU 0.5, and with by_size, ap_size {bin: (C, T)}."""
+    preds = [{k: np.asarray(p[k]) for k in ('boxes', 'scores', 'labels')} for p in preds]
+    gts = [{'boxes': np.asarray(g['boxes'], np.float64).reshape(-1, 4), 'labels': np.asarray(g['labels']),
+            'difficult': np.asarray(g['difficult'], bool) & (difficult == 'ignore')} for g in gts]
+    n_gt, n_pred = np.zeros(num_classes, int), np.zeros(num_classes, int)
+    per_image = []  # (class, sorted det indices, GT mask) for every image and class that has either
+    for i, (p, g) in enumerate(zip(preds, gts)):
+        for c in np.union1d(g['labels'], p['labels']).astype(int):
+            d = np.flatnonzero(p['labels'] == c)
+            d = d[np.argsort(-p['scores'][d], kind='stable')][:max_dets]
+            per_image.append((i, c, d, g['labels'] == c))
+            n_gt[c] += int((~g['difficult'][g['labels'] == c]).sum())
+            n_pred[c] += len(d)
+
+    def class_ap(lo=0.0, hi=float('inf')):  # (C, T) AP with GT and unmatched detections outside [lo, hi) ignored
+        records, n = [[] for _ in range(num_classes)], np.zeros(num_classes, int)
+        for i, c, d, gc in per_image:
+            p, g = preds[i], gts[i]
+            s = sqrt_area(g['boxes'][gc])
+            ignore = g['difficult'][gc] | (s < lo) | (s >= hi)
+            tp, ig = match_image(p['boxes'][d], g['boxes'][gc], ignore)
+            ds = sqrt_area(p['boxes'][d])
+            ig |= ~tp & ~ig & ((ds < lo) | (ds >= hi))[None]
+            records[c].append((p['scores'][d], tp, ig))
+            n[c] += int((~ignore).sum())
+        ap = np.full((num_classes, len(IOU_THRS)), np.nan)
+        for c in np.flatnonzero(n > 0):
+            ap[c] = _coco_curves(records[c], n[c])[0]
+        return ap, records
+
+    ap, records = class_ap()
+    px = np.linspace(0, 1, 1000)  # confidence grid for the P/R/F1 curves (the Ultralytics convention)
+    p_curve, r_curve = np.zeros((num_classes, 1000)), np.zeros((num_classes, 1000))
+    for c in np.flatnonzero(n_gt > 0):
+        _, scores, tpc, fpc = _coco_curves(records[c], n_gt[c])
+        if len(scores):  # raw (not enveloped) precision and recall at IoU 0.5 as functions of confidence
+            r_curve[c] = np.interp(-px, -scores, tpc[0] / n_gt[c], left=0)
+            p_curve[c] = np.interp(-px, -scores, tpc[0] / np.maximum(tpc[0] + fpc[0], 1), left=1)
+    has = n_gt > 0
+    f1 = 2 * p_curve * r_curve / np.maximum(p_curve + r_curve, 1e-16)
+    best = int(f1[has].mean(0).argmax()) if has.any() else 0
+    res = {'n_gt': n_gt, 'n_pred': n_pred, 'ap': ap, 'precision': p_curve[:, best], 'recall': r_curve[:, best],
+           'conf': float(px[best])}
+    if by_size:
+        res['ap_size'] = {name: class_ap(lo, hi)[0] for name, lo, hi in SIZE_BINS}
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- dota
+def voc07_ap(recall, precision):
+    """VOC07 11-point AP: the mean over t in np.arange(0, 1.1, 0.1) of max precision at recall >= t (0 if none)."""
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):  # the devkit's exact points, float error included
+        p = precision[recall >= t]
+        ap += (p.max() if p.size else 0.0) / 11.0
+    return ap
+
+
+def evaluate_dota(preds, gts, num_classes):
+    """The official DOTA task-2 (HBB) evaluation. -> dict: ap (C,), n_gt (C,), n_pred (C,), recall (C,) at the end
+    of the ranking.
+
+    A detection's GT is the max-IoU one among all GT of its class in its image, whatever came before, so it is
+    found without a loop over detections; the order matters only for "already taken", which is the first
+    occurrence of each GT in the ranking."""
+    rows = []  # per image and class: class, score, IoU with its max-IoU GT, that GT's id, whether it is difficult
+    n_gt, n_gt_seen = np.zeros(num_classes, int), 0
+    for p, g in zip(preds, gts):
+        pb, ps, pl = (np.asarray(p[k]) for k in ('boxes', 'scores', 'labels'))
+        gb, gl = np.trunc(np.asarray(g['boxes'], np.float64).reshape(-1, 4)), np.asarray(g['labels'])
+        gd = np.asarray(g['difficult'], bool)
+        n_gt += np.bincount(gl[~gd].astype(int), minlength=num_classes)
+        for c in np.unique(pl).astype(int):
+            d, gc = np.flatnonzero(pl == c), np.flatnonzero(gl == c)
+            if len(gc):
+                iou = box_iou(np.asarray(pb, np.float64).reshape(-1, 4)[d], gb[gc], plus_one=True)  # (D, G)
+                j = iou.argmax(1)
+                ov, gid, diff = iou[np.arange(len(d)), j], n_gt_seen + gc[j], gd[gc[j]]
+            else:
+                ov, gid, diff = np.full(len(d), -np.inf), np.full(len(d), -1), np.zeros(len(d), bool)
+            rows.append((np.full(len(d), c), ps[d].astype(np.float64), ov, gid, diff))
+        n_gt_seen += len(gl)  # GT ids unique over the dataset
+    cls, score, ov, gid, diff = (np.concatenate([r[k] for r in rows]) if rows else np.zeros(0) for k in range(5))
+    ap, n_pred, rec_end = np.zeros(num_classes), np.zeros(num_classes, int), np.zeros(num_classes)
+    for c in range(num_classes):
+        k = np.flatnonzero(cls == c)
+        k = k[np.argsort(-score[k], kind='stable')]
+        hit = (ov[k] > 0.5) & ~diff[k].astype(bool)  # candidates for TP; a difficult hit is neither TP nor FP
+        first = np.zeros(len(k), bool)
+        first[np.flatnonzero(hit)[np.unique(gid[k][hit], return_index=True)[1]]] = True  # earliest hit of each GT
+        tp = first
+        fp = ~((ov[k] > 0.5) & diff[k].astype(bool)) & ~first
+        tpc, fpc = np.cumsum(tp), np.cumsum(fp)
+        recall = tpc / n_gt[c] if n_gt[c] else np.zeros(len(k))
+        precision = tpc / np.maximum(tpc + fpc, np.finfo(np.float64).eps)
+        ap[c] = voc07_ap(recall, precision) if n_gt[c] else 0.0
+        n_pred[c], rec_end[c] = len(k), (recall[-1] if len(k) else 0.0)
+    return {'ap': ap, 'n_gt': n_gt, 'n_pred': n_pred, 'recall': rec_end}
