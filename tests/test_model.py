@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from data import CLASSES, DOTADataset, collate, to_input
-from evaluate import evaluate
+from metrics import evaluate_coco
 from masking import make_masks
 from model import (Attention, Detector, MinCostMatcher, Predictor, assign_min_cost, build_vit, detection_loss,
                    ema_momentum, ema_update, lr_at, postprocess, sincos_pos_embed)
@@ -147,5 +147,5 @@ def test_detector_overfits_one_synthetic_image(tmp_path):
     det.eval()
     with torch.no_grad():
         preds = postprocess(det(x), max_det=100, sizes=[(64, 64)])
-    res = evaluate(preds, [t], 15)
+    res = evaluate_coco(preds, [t], 15)
     assert np.nanmean(res['ap'][:, 0]) >= 0.9, res['ap'][:, 0]
