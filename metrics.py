@@ -46,17 +46,35 @@ def sqrt_area(boxes):
 # ------------------------------------------------------------------------------------------------- coco
 def match_image(det_boxes, gt_boxes, gt_ignore, iou_thrs=IOU_THRS):
     """Greedy matching of one image and class at all thresholds at once; det_boxes sorted by descending score.
-    -> tp (T, D) bool, ignored (T, D) bool (matched to an ignored GT)."""
+    -> tp (T, D) bool, ignored (T, D) bool (matched to an ignored GT).
+
+    When no detection has two GT to choose from (IoU >= the lowest threshold with at most one GT: always so when
+    the GT do not overlap), the greedy rule reduces to "the first detection that reaches a GT gets it", which is
+    computed without a loop. Otherwise the sequential definition runs (match_sequential)."""
     T, D, G = len(iou_thrs), len(det_boxes), len(gt_boxes)
     tp, ignored = np.zeros((T, D), bool), np.zeros((T, D), bool)
     if D == 0 or G == 0:
         return tp, ignored
     iou = box_iou(det_boxes, gt_boxes)  # (D, G)
     thr = np.minimum(iou_thrs, 1 - 1e-10)[:, None]  # (T, 1), as pycocotools
-    taken = np.zeros((T, G), bool)
+    if ((iou >= thr.min()).sum(1) > 1).any():
+        return match_sequential(iou, gt_ignore, thr)
+    g = iou.argmax(1)  # (D,) each detection's only possible GT
+    t, d = np.nonzero(iou[np.arange(D), g][None] >= thr)  # (t, d) pairs that reach their GT, t-major, d ascending
+    _, first = np.unique(t * G + g[d], return_index=True)  # the first detection per (threshold, GT) wins
+    t, d = t[first], d[first]
+    tp[t, d], ignored[t, d] = ~gt_ignore[g[d]], gt_ignore[g[d]]
+    return tp, ignored
+
+
+def match_sequential(iou, gt_ignore, thr):
+    """The greedy rule as defined: detections in order, each takes the best still-free GT with IoU >= t,
+    non-ignored GT first. iou (D, G), thr (T, 1) -> tp (T, D), ignored (T, D)."""
+    (D, G), T = iou.shape, len(thr)
+    tp, ignored, taken = np.zeros((T, D), bool), np.zeros((T, D), bool), np.zeros((T, G), bool)
     bonus = np.where(gt_ignore, 0.0, 2.0)  # non-ignored GT win over ignored ones
     # Only detections that reach the lowest threshold with some GT can match; the others are FP at every t and
-    # change no state, so the sequential loop (each match depends on the previous ones) runs over the few that can.
+    # change no state, so the loop runs over the few that can.
     for d in np.flatnonzero(iou.max(1) >= thr.min()):
         score = np.where(~taken & (iou[d] >= thr), iou[d] + bonus, -1.0)  # (T, G) candidates
         g = score.argmax(1)  # (T,)
@@ -106,13 +124,17 @@ def evaluate_coco(preds, gts, num_classes, difficult='ignore', max_dets=None, by
 
     def class_ap(lo=0.0, hi=float('inf')):  # (C, T) AP with GT and unmatched detections outside [lo, hi) ignored
         records, n = [[] for _ in range(num_classes)], np.zeros(num_classes, int)
+        by_bin = (lo, hi) != (0.0, float('inf'))
         for i, c, d, gc in per_image:
             p, g = preds[i], gts[i]
-            s = sqrt_area(g['boxes'][gc])
-            ignore = g['difficult'][gc] | (s < lo) | (s >= hi)
+            ignore = g['difficult'][gc]
+            if by_bin:
+                s = sqrt_area(g['boxes'][gc])
+                ignore = ignore | (s < lo) | (s >= hi)
             tp, ig = match_image(p['boxes'][d], g['boxes'][gc], ignore)
-            ds = sqrt_area(p['boxes'][d])
-            ig |= ~tp & ~ig & ((ds < lo) | (ds >= hi))[None]
+            if by_bin:
+                ds = sqrt_area(p['boxes'][d])
+                ig |= ~tp & ~ig & ((ds < lo) | (ds >= hi))[None]
             records[c].append((p['scores'][d], tp, ig))
             n[c] += int((~ignore).sum())
         ap = np.full((num_classes, len(IOU_THRS)), np.nan)

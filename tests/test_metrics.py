@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from evaluate import format_table, summary
-from metrics import box_iou, evaluate_coco as evaluate
+from metrics import IOU_THRS, box_iou, evaluate_coco as evaluate, match_image, match_sequential
 
 HALF = 51 / 101  # AP when precision is 1 up to recall 0.5 and nothing is found beyond: 51 of 101 recall points
 
@@ -145,3 +145,24 @@ def test_matches_pycocotools_on_random_cases():
         theirs = _coco_ap(gt_list, det_list, 3)
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-9, equal_nan=True)
         compared += 1
+
+
+def test_loop_free_matching_equals_the_sequential_rule():
+    rng = np.random.default_rng(1)
+    thr = np.minimum(IOU_THRS, 1 - 1e-10)[:, None]
+    fast = 0
+    for _ in range(200):
+        xy = rng.integers(0, 300, (12, 2))
+        gt = np.concatenate([xy, xy + rng.integers(5, 60, (12, 2))], 1).astype(float)
+        if rng.random() < 0.5:  # a grid of disjoint GT, the common case in aerial images
+            xy = np.stack(np.meshgrid(np.arange(4), np.arange(3)), -1).reshape(-1, 2) * 70.0
+            gt = np.concatenate([xy, xy + rng.uniform(10, 60, (12, 2))], 1)
+        det = np.concatenate([gt, gt, gt])[rng.permutation(36)[:20]] + rng.normal(0, 4, (20, 4))
+        det[:, 2:] = np.maximum(det[:, 2:], det[:, :2] + 1)
+        ignore = rng.random(12) < 0.2
+        got = match_image(det, gt, ignore)
+        want = match_sequential(box_iou(det, gt), ignore, thr)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        fast += int(((box_iou(det, gt) >= 0.5).sum(1) <= 1).all())
+    assert 50 < fast < 200  # both paths were exercised
