@@ -58,6 +58,8 @@ def test_dota_voc07_points_and_mean_over_the_fixed_class_list():
     res = evaluate_dota([dets([[0, 0, 10, 10]], [0.9])], [gts([[0, 0, 10, 10], [20, 20, 30, 30]])], 3)
     assert res['ap'][0] == pytest.approx(6 / 11)  # precision 1 at recall 0, .1, ..., .5
     assert res['ap'][1:].tolist() == [0, 0] and res['ap'].mean() == pytest.approx(6 / 33)
+    res = evaluate_dota([dets([], [])], [gts([[0, 0, 10, 10]], labels=[2])], 3)  # GT and no detections: AP 0
+    assert res['ap'].tolist() == [0, 0, 0] and res['n_gt'].tolist() == [0, 0, 1]
 
 
 def test_ap_by_size_ignores_other_sizes_like_coco_area_ranges():

@@ -49,6 +49,15 @@ def test_chain_end_to_end(tmp_path):
     for k in range(1):
         assert (tmp_path / 'ft' / f'val_batch{k}_labels.jpg').exists()
         assert (tmp_path / 'ft' / f'val_batch{k}_pred.jpg').exists()
+    # tiles -> full images: split the val images into overlapping tiles, merge the detections back, official number
+    run(ROOT / 'data.py', 'split', '--src', data / 'val', '--dst', tmp_path / 'tiles' / 'val', '--size', 48, '--gap', 16,
+        '--workers', 1, cwd=tmp_path)
+    out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--data', tmp_path / 'tiles', '--merge',
+              '--labels', data / 'val' / 'labelTxt', '--protocol', 'dota', '--workers', 0, '--json',
+              tmp_path / 'm.json', cwd=tmp_path)
+    assert 'All (mAP)' in out and (tmp_path / 'ft' / 'submission' / 'Task2_ship.txt').exists()
+    merged = json.loads((tmp_path / 'm.json').read_text())
+    assert merged['protocol'] == 'dota' and 0 <= merged['map50_voc07'] <= 1
     # from scratch
     out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data', data,
               '--epochs', 1, '--head-dim', 32, '--out', tmp_path / 'scratch', *common, cwd=tmp_path)
