@@ -272,8 +272,8 @@ def get_parser():
     ap.add_argument('--ckpt', default=None, help='a finetune.py checkpoint (model mode)')
     ap.add_argument('--dets', default=None, help='a folder of Task2_<class>.txt files (offline mode, needs --labels)')
     ap.add_argument('--labels', default=None, help='labelTxt folder of the full images (offline mode and --merge)')
-    ap.add_argument('--protocol', choices=['coco', 'dota'], default='coco', help='coco-style table or the official '
-                                                                                'DOTA task-2 number (default: %(default)s)')
+    ap.add_argument('--protocol', choices=['coco', 'dota'], default=None, help='coco-style table or the official '
+                    'DOTA task-2 number (default: dota with --merge, coco otherwise)')
     ap.add_argument('--sizes', action='store_true', help='also print AP by object size (coco protocol)')
     ap.add_argument('--merge', action='store_true', help='model mode: map tile detections to full images (tile names '
                     '<id>__<rate>__<left>___<top>), NMS across seams, evaluate against --labels, write submission files')
@@ -307,6 +307,7 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    args.protocol = args.protocol or ('dota' if args.merge else 'coco')
     torch.manual_seed(args.seed)
     if args.dets:  # offline: submission files against label files, no model
         if not args.labels:
