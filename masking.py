@@ -1,33 +1,48 @@
 """Which patches the context encoder sees and which it must predict.
 
-Both strategies return index tensors with the same counts for every image of a batch (so they batch without
-padding):  context (B, N - M) and targets (B, M), M = round(mask_ratio * N), disjoint, each sorted ascending.
+    python masking.py show --data synthetic --out masks.jpg      # one row of pictures per strategy
 
-- random: MAE's masking. Every patch is equally likely to be hidden.
-- object: patches that overlap a ground-truth box are hidden first. Each object patch is left visible with
-  probability `object_keep`, because if objects were always hidden the context encoder would never see one (only
-  the EMA target would). The hidden set is then filled up to M with random background patches, or the object
-  patches are subsampled at random when they alone exceed M. Kept object patches are hidden last, only when an
-  image has too few other patches. An image with no boxes is thus masked at random.
-Both work by sorting a per-patch priority (MAE's argsort trick): no Python loop over patches.
+Every strategy returns index tensors with the same counts for every image of a batch (so they batch without
+padding): context (B, Nc) and targets (B, M), disjoint, each sorted ascending, plus `target_is_object` (B, M).
+
+- random: MAE. M = round(mask_ratio * N) uniformly random patches are hidden; the rest is the context.
+- object: patches that overlap a ground-truth box (grown by `dilate` pixels) are hidden first. Each object patch is
+  left visible with probability `object_keep`, because if objects were always hidden the context encoder would
+  never see one (only the EMA target would). The hidden set is filled up to M with random background patches, or
+  the object patches are subsampled when they alone exceed M; kept object patches are hidden last, only when an
+  image has too few other patches. An image without boxes is masked at random.
+- mixed: per image, object with probability `p_object`, else random (same counts, so they mix in one batch).
+- block: I-JEPA's multi-block: 4 target blocks (scale 0.15-0.2 of the grid, aspect 0.75-1.5) and one context block
+  (scale 0.85-1.0, square) minus the targets. Two known flaws of the original sampler are avoided: block corners
+  are drawn from the full range (every row and column can be a target), and the context block wraps around the
+  grid edges (every patch is equally likely to be in it, so the context is not biased toward the centre). Counts
+  differ per image, so each set is cut to the smallest size in the batch at random (as I-JEPA does); mask_ratio
+  is not used.
+All work by sorting a per-patch priority plus uniform noise (MAE's argsort trick): no Python loop over patches.
 """
+import argparse
+import math
+
 import torch
 
+MODES = ('object', 'random', 'mixed', 'block')
 
-def object_patches(boxes, grid_h, grid_w, patch_size):
+
+def object_patches(boxes, grid_h, grid_w, patch_size, dilate=0.0):
     """Which patches overlap at least one box (open overlap: touching an edge does not count).
 
-    boxes: list of B tensors (n_b, 4) x1 y1 x2 y2 in pixels -> (B, grid_h * grid_w) bool, row-major patch order.
-    """
+    boxes: list of B tensors (n_b, 4) x1 y1 x2 y2 in pixels, grown by `dilate` px on every side
+    -> (B, grid_h * grid_w) bool, row-major patch order."""
     B, n = len(boxes), max([len(b) for b in boxes] + [1])
-    padded = torch.zeros(B, n, 4)  # zero boxes overlap nothing: x2 > left fails for the patch at x = 0
+    padded = torch.zeros(B, n, 4)  # zero-size boxes at the origin overlap nothing
     for i, b in enumerate(boxes):
-        padded[i, :len(b)] = b.float().cpu()
+        padded[i, :len(b)] = b.float().cpu() + torch.tensor([-dilate, -dilate, dilate, dilate])
     left = torch.arange(grid_w) * patch_size  # (gw,)
     top = torch.arange(grid_h) * patch_size  # (gh,)
     x1, y1, x2, y2 = padded.unbind(-1)  # (B, n) each
-    in_x = (x1[..., None] < left + patch_size) & (x2[..., None] > left)  # (B, n, gw)
-    in_y = (y1[..., None] < top + patch_size) & (y2[..., None] > top)  # (B, n, gh)
+    real = (x2 > x1)[..., None]  # padding rows are empty boxes
+    in_x = (x1[..., None] < left + patch_size) & (x2[..., None] > left) & real  # (B, n, gw)
+    in_y = (y1[..., None] < top + patch_size) & (y2[..., None] > top) & real  # (B, n, gh)
     hit = (in_y[..., :, None] & in_x[..., None, :]).any(1)  # (B, gh, gw)
     return hit.flatten(1)
 
@@ -47,19 +62,127 @@ def random_masking(B, N, mask_ratio, generator=None):
     return _split_by_priority(torch.rand(B, N, generator=generator), mask_ratio)
 
 
-def object_masking(is_object, mask_ratio, object_keep=0.25, generator=None):
-    """is_object (B, N) bool from object_patches. Priority tiers (higher is hidden first), random within a tier:
-    2 = object patch chosen for hiding (prob 1 - object_keep), 1 = background, 0 = object patch kept visible."""
-    u = torch.rand(is_object.shape, generator=generator)  # (B, N) order within a tier
+def _object_priority(is_object, object_keep, generator):
+    """Tiers (higher is hidden first), random within a tier: 2 = object patch chosen for hiding (probability
+    1 - object_keep), 1 = background, 0 = object patch kept visible. -> (B, N) float."""
+    u = torch.rand(is_object.shape, generator=generator)
     hide = is_object & (torch.rand(is_object.shape, generator=generator) >= object_keep)
-    tier = 1.0 + hide.float() - (is_object & ~hide).float()
-    return _split_by_priority(tier + u, mask_ratio)
+    return 1.0 + hide.float() - (is_object & ~hide).float() + u
 
 
-def make_masks(mode, boxes, grid_h, grid_w, patch_size, mask_ratio, object_keep=0.25, generator=None):
-    """One call for pretrain.py: -> context idx (B, N - M), target idx (B, M), on the CPU."""
+def object_masking(is_object, mask_ratio, object_keep=0.25, generator=None):
+    """is_object (B, N) bool from object_patches -> context (B, N - M), targets (B, M)."""
+    return _split_by_priority(_object_priority(is_object, object_keep, generator), mask_ratio)
+
+
+def _block(B, grid_h, grid_w, scale, aspect, generator, wrap=False):
+    """One random block per image -> (B, grid_h * grid_w) bool. Size from a scale of the grid and an aspect ratio;
+    the corner is uniform over every position where the block fits (or anywhere, wrapping, if wrap)."""
+    s = torch.empty(B).uniform_(*scale, generator=generator)
+    r = torch.exp(torch.empty(B).uniform_(math.log(aspect[0]), math.log(aspect[1]), generator=generator))
+    h = (s * grid_h * grid_w * r).sqrt().round().clamp(1, grid_h).long()  # (B,)
+    w = (s * grid_h * grid_w / r).sqrt().round().clamp(1, grid_w).long()
+    span_h, span_w = (grid_h, grid_w) if wrap else (grid_h - h + 1, grid_w - w + 1)
+    top = (torch.rand(B, generator=generator) * span_h).long()  # inclusive of the last position
+    left = (torch.rand(B, generator=generator) * span_w).long()
+    rows = (torch.arange(grid_h)[None] - top[:, None]) % (grid_h if wrap else 10 ** 9)  # (B, gh) offset in block
+    cols = (torch.arange(grid_w)[None] - left[:, None]) % (grid_w if wrap else 10 ** 9)
+    inside = ((rows >= 0) & (rows < h[:, None]))[:, :, None] & ((cols >= 0) & (cols < w[:, None]))[:, None, :]
+    return inside.flatten(1)
+
+
+def block_masking(B, grid_h, grid_w, generator=None, n_targets=4, target_scale=(0.15, 0.2),
+                  target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0)):
+    """I-JEPA multi-block -> context (B, Nc), targets (B, M) with Nc, M the smallest counts in the batch."""
+    target = torch.zeros(B, grid_h * grid_w, dtype=torch.bool)
+    for _ in range(n_targets):
+        target |= _block(B, grid_h, grid_w, target_scale, target_aspect, generator)
+    context = _block(B, grid_h, grid_w, context_scale, (1.0, 1.0), generator, wrap=True) & ~target
+    M, Nc = int(target.sum(1).min()), int(context.sum(1).min())
+    if M == 0 or Nc == 0:
+        raise ValueError(f'a {grid_h}x{grid_w} grid is too small for block masking')
+    u = torch.rand(B, grid_h * grid_w, generator=generator)
+    tgt = (target.float() + u).argsort(1, descending=True)[:, :M]  # M random patches of each image's targets
+    ctx = (context.float() + u).argsort(1, descending=True)[:, :Nc]
+    return ctx.sort(1).values, tgt.sort(1).values
+
+
+def make_masks(mode, boxes, grid_h, grid_w, patch_size, mask_ratio=0.75, object_keep=0.25, generator=None,
+               dilate=0.0, p_object=0.5):
+    """One call for pretrain.py -> context idx (B, Nc), target idx (B, M), target_is_object (B, M) bool, CPU."""
+    B, N = len(boxes), grid_h * grid_w
+    is_object = object_patches(boxes, grid_h, grid_w, patch_size, dilate)  # (B, N)
     if mode == 'random':
-        return random_masking(len(boxes), grid_h * grid_w, mask_ratio, generator)
-    if mode == 'object':
-        return object_masking(object_patches(boxes, grid_h, grid_w, patch_size), mask_ratio, object_keep, generator)
-    raise ValueError(f"unknown mask mode {mode!r}; expected 'object' or 'random'")
+        ctx, tgt = random_masking(B, N, mask_ratio, generator)
+    elif mode == 'object':
+        ctx, tgt = object_masking(is_object, mask_ratio, object_keep, generator)
+    elif mode == 'mixed':
+        use_object = torch.rand(B, 1, generator=generator) < p_object
+        priority = torch.where(use_object, _object_priority(is_object, object_keep, generator),
+                               torch.rand(B, N, generator=generator))
+        ctx, tgt = _split_by_priority(priority, mask_ratio)
+    elif mode == 'block':
+        ctx, tgt = block_masking(B, grid_h, grid_w, generator)
+    else:
+        raise ValueError(f'unknown mask mode {mode!r}; expected one of {", ".join(MODES)}')
+    return ctx, tgt, is_object.gather(1, tgt)
+
+
+def show(args):
+    """Draw one row per strategy: hidden patches shaded red, patches in neither set grey, boxes outlined."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from data import CLASSES, collate, DOTADataset, resolve_data
+    torch.manual_seed(args.seed)
+    ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True)
+    images, targets = collate([ds[i] for i in range(min(args.n, len(ds)))], args.patch_size)
+    B, H, W, _ = images.shape
+    gh, gw, p, s = H // args.patch_size, W // args.patch_size, args.patch_size, args.scale
+    rows = []
+    for mode in args.mask:
+        g = torch.Generator().manual_seed(args.seed)
+        ctx, tgt, _ = make_masks(mode, [t['boxes'] for t in targets], gh, gw, p, args.mask_ratio, args.object_keep,
+                                 g, args.mask_dilate)
+        row = []
+        for b in range(B):
+            state = torch.zeros(gh * gw)  # 0 neither, 1 context, 2 target
+            state[ctx[b]], state[tgt[b]] = 1, 2
+            im = images[b].numpy().astype(np.float32)
+            st = state.view(gh, gw).repeat_interleave(p, 0).repeat_interleave(p, 1).numpy()[..., None]
+            im = np.where(st == 2, 0.45 * im + [140, 0, 0], np.where(st == 0, 0.3 * im + 90, im))
+            pic = Image.fromarray(im.clip(0, 255).astype(np.uint8)).resize((W * s, H * s), Image.NEAREST)
+            draw = ImageDraw.Draw(pic)
+            for box in targets[b]['boxes'].tolist():
+                draw.rectangle([v * s for v in box], outline=(255, 255, 0))
+            draw.text((3, 3), mode, fill=(255, 255, 255))
+            row.append(pic)
+        rows.append(row)
+    grid = Image.new('RGB', (B * W * s, len(rows) * H * s))
+    for r, row in enumerate(rows):
+        for b, pic in enumerate(row):
+            grid.paste(pic, (b * W * s, r * H * s))
+    grid.save(args.out, quality=92)
+    print(f'wrote {args.out}: rows {", ".join(args.mask)}; red = targets, plain = context, grey = neither')
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest='cmd', required=True)
+    sp = sub.add_parser('show', help='draw masks of each strategy over training crops')
+    sp.add_argument('--data', default='synthetic', help="dataset folder or name (default: %(default)s)")
+    sp.add_argument('--classes', default='dota1.0', help='class list (default: %(default)s)')
+    sp.add_argument('--out', default='masks.jpg', help='output picture (default: %(default)s)')
+    sp.add_argument('--mask', nargs='+', default=list(MODES), choices=MODES, help='strategies, one row each '
+                                                                                  '(default: all)')
+    sp.add_argument('--n', type=int, default=6, help='images per row (default: %(default)s)')
+    sp.add_argument('--img-size', type=int, default=128, help='crop side (default: %(default)s)')
+    sp.add_argument('--patch-size', type=int, default=8, help='patch size (default: %(default)s)')
+    sp.add_argument('--mask-ratio', type=float, default=0.75, help='hidden share (default: %(default)s)')
+    sp.add_argument('--object-keep', type=float, default=0.25, help='object patches left visible '
+                                                                    '(default: %(default)s)')
+    sp.add_argument('--mask-dilate', type=float, default=0.0, help='grow boxes by this many pixels '
+                                                                   '(default: %(default)s)')
+    sp.add_argument('--scale', type=int, default=2, help='enlargement of the pictures (default: %(default)s)')
+    sp.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    show(ap.parse_args())
