@@ -49,8 +49,8 @@ def get_parser():
     ap.add_argument('--conf', type=float, default=0.001, help='score floor at evaluation (default: %(default)s)')
     ap.add_argument('--max-det', type=int, default=1000, help='top-K detections per image (default: %(default)s)')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
-    ap.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'],
-                    help='autocast dtype on CUDA; the CPU always runs float32 (default: %(default)s)')
+    ap.add_argument('--amp', default='bf16', choices=['bf16', 'fp16', 'off'],
+                    help='autocast on CUDA (fp16 adds loss scaling); the CPU runs float32 (default: %(default)s)')
     ap.add_argument('--workers', type=int, default=4, help='data-loader processes (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     ap.add_argument('--out', default='runs/finetune', help='output folder (default: %(default)s)')
@@ -87,7 +87,7 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[args.dtype]
+    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[args.amp] if cuda else None
     model.to(device)
     class_names = CLASSES[args.classes]
     root = resolve_data(args.data)
@@ -98,7 +98,7 @@ def main(argv=None):
     groups = param_groups([(model.backbone, args.backbone_lr_scale), (model.neck, 1.0), (model.cls, 1.0),
                            (model.box, 1.0)], args.weight_decay)
     opt = torch.optim.AdamW(groups, lr=args.lr)
-    scaler = torch.amp.GradScaler(enabled=cuda and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     matcher = MinCostMatcher()
     print(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
           f'stride {model.stride}, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images')
@@ -113,11 +113,11 @@ def main(argv=None):
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
                 g['lr'] = lr * g['lr_scale']
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and amp_dtype != torch.float32):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = model(to_input(images, device))
                 loss, parts = detection_loss(out, targets, matcher)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f'loss is {loss.item()} at step {step}; lower --lr or use --dtype bfloat16')
+                raise FloatingPointError(f'loss is {loss.item()} at step {step}; lower --lr or use --amp bf16')
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad > 0:

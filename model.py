@@ -130,24 +130,25 @@ def build_vit(name, patch_size, drop_path=0.0):
 
 
 class Predictor(nn.Module):
-    """Narrow ViT: context tokens plus a learned mask token at each target position -> predicted target features.
+    """Narrow ViT: context tokens plus a learned mask token at each target position -> predicted target features
+    (or, with out_dim = patch_size**2 * 3, the target patches' pixels: MAE's linear head, for the ablation).
 
     It sees where each token sits through its own sin-cos position embedding (width pred_dim)."""
 
-    def __init__(self, enc_dim, dim, depth, heads):
+    def __init__(self, enc_dim, dim, depth, heads, out_dim=None):
         super().__init__()
         self.dim = dim
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.proj = nn.Linear(dim, enc_dim)
+        self.proj = nn.Linear(dim, out_dim or enc_dim)
         init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, ctx, ctx_idx, tgt_idx, grid_h, grid_w):
         """ctx (B, Nc, enc_dim) context-encoder output; ctx_idx (B, Nc), tgt_idx (B, Nt) token indices.
-        -> (B, Nt, enc_dim) predictions at the target positions."""
+        -> (B, Nt, out_dim) predictions at the target positions."""
         pos = sincos_pos_embed(self.dim, grid_h, grid_w, ctx.device)  # (N, dim)
         x = self.embed(ctx) + pos[ctx_idx]  # (B, Nc, dim)
         m = self.mask_token + pos[tgt_idx]  # (B, Nt, dim)
@@ -171,15 +172,16 @@ def ema_momentum(step, total_steps, start=0.996, end=1.0):
 
 
 def param_groups(parts, weight_decay):
-    """parts: list of (module, lr_scale) -> AdamW groups with an 'lr_scale' key. Weight decay applies to weight
-    matrices and conv kernels only, not to biases, norms or learned tokens."""
+    """parts: list of (module, lr_scale) -> AdamW groups with 'lr_scale' and 'wd_scale' keys (kept in the
+    optimizer's state dict, so a schedule can set lr and weight decay after a resume). Weight decay applies to
+    weight matrices and conv kernels only, not to biases, norms or learned tokens."""
     groups = []
     for module, scale in parts:
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         decay = [p for n, p in named if p.ndim >= 2 and n.endswith('weight')]
         other = [p for n, p in named if not (p.ndim >= 2 and n.endswith('weight'))]
-        groups += [{'params': decay, 'weight_decay': weight_decay, 'lr_scale': scale},
-                   {'params': other, 'weight_decay': 0.0, 'lr_scale': scale}]
+        groups += [{'params': decay, 'weight_decay': weight_decay, 'lr_scale': scale, 'wd_scale': 1.0},
+                   {'params': other, 'weight_decay': 0.0, 'lr_scale': scale, 'wd_scale': 0.0}]
     return groups
 
 
@@ -357,3 +359,26 @@ def postprocess(out, max_det=1000, conf=0.001, sizes=None):
             bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w), bx[:, 3].clamp(0, h)], 1)
         results.append({'boxes': bx.cpu(), 'scores': s.cpu(), 'labels': (i % C).cpu()})
     return results
+
+
+def export(ckpt_path, which, out):
+    """Write one encoder of a pretrain.py checkpoint as a plain state dict (timm/MAE key layout)."""
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    if which not in ckpt:
+        raise SystemExit(f'{ckpt_path} has no {which!r} encoder (keys: {", ".join(ckpt)})')
+    torch.save(ckpt[which], out)
+    a = ckpt['args']
+    print(f'wrote {out}: the {which} encoder, {a["model"]} ViT/{a["patch_size"]}, {len(ckpt[which])} tensors')
+
+
+if __name__ == '__main__':
+    import argparse
+    ap = argparse.ArgumentParser(description='Model utilities.')
+    sub = ap.add_subparsers(dest='cmd', required=True)
+    sp = sub.add_parser('export', help='write a pretrained encoder as a plain state dict (timm/MAE key names)')
+    sp.add_argument('--ckpt', required=True, help='pretrain.py checkpoint (e.g. runs/pretrain/last.pt)')
+    sp.add_argument('--which', choices=['context', 'target'], default='context', help='which encoder '
+                                                                                      '(default: %(default)s)')
+    sp.add_argument('--out', required=True, help='output file, e.g. encoder.pth')
+    args = ap.parse_args()
+    export(args.ckpt, args.which, args.out)

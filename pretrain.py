@@ -1,17 +1,31 @@
-"""JEPA pretraining with object-aware masking.
+"""JEPA pretraining with object-aware masking, and the ablations around it under the same code.
 
-    python pretrain.py --data dota                                     # a GPU, full DOTA tiles
+    python pretrain.py --data dota                                         # a GPU, full DOTA tiles
     python pretrain.py --data synthetic --model mini --img-size 128 --patch-size 8 --epochs 8 --device cpu
+    python pretrain.py ... --mask random --target pixels                   # MAE-style, for comparison
 
 One step: the EMA *target* encoder embeds the whole image (no grad) and its features are layer-normed; the
 *context* encoder embeds only the visible patches (hidden tokens are dropped, not zeroed); the *predictor* gets the
-context tokens plus a mask token at every hidden position and predicts the target features there; the loss is the
-mean squared error at the hidden positions. Only the context encoder and predictor get gradients; the target
-encoder follows the context encoder by EMA. Masking: see masking.py (--mask object hides patches on GT boxes).
-Writes OUT/last.pt (context and target encoders, predictor, optimizer, step, args) after every epoch.
+context tokens plus a mask token at every hidden position and predicts the target features there (--target
+latent), or the hidden patches' normalized pixels through a linear head (--target pixels: MAE's loss, no EMA
+needed); the loss is --loss (mse) over the hidden patches (--predict hidden) or the hidden object patches only
+(--predict objects). Only the context encoder and predictor get gradients; the target encoder follows the context
+encoder by EMA, momentum rising linearly 0.996 -> 1.0. Masking strategies: masking.py.
+
+Schedules (per optimizer step): lr linear warmup then cosine; weight decay cosine from --weight-decay (0.04) to
+--weight-decay-end (0.4), on weight matrices only (not biases, norms, tokens); gradient-norm clipping.
+Safety: OUT/last.pt is written atomically every --save-every steps and at each epoch end; --resume restores the
+models, optimizer, scaler, schedules, RNG states and the position in the epoch (exact with --workers 0; with
+worker processes the data order is exact but augmentations are drawn anew). A non-finite loss stops the run with
+the step number before anything is written over the last good checkpoint. OUT/log.jsonl gets one line per
+--log-every steps: loss, lr, weight decay, momentum, and the std across tokens of the target features and of the
+predictions (they fall toward 0 when the representation collapses; a warning is printed when the targets' std
+is below --collapse-std).
 """
 import argparse
 import copy
+import functools
+import json
 import math
 import os
 import time
@@ -20,56 +34,104 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import CLASSES, make_loader, resolve_data, to_input
-from masking import make_masks
+from data import CLASSES, DOTADataset, collate, resolve_data, to_input
+from masking import MODES, make_masks
 from model import PRESETS, Predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
 
 def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--data', default='dota', help="dataset folder, or 'dota' (data/dota) or 'synthetic' "
-                                                   '(data/synthetic, generated on first use) (default: %(default)s)')
-    ap.add_argument('--classes', default='dota1.0', choices=list(CLASSES), help='class list (default: %(default)s)')
-    ap.add_argument('--model', default='small', choices=list(PRESETS), help='ViT preset (default: %(default)s)')
-    ap.add_argument('--patch-size', type=int, default=16, help='ViT patch size in pixels (default: %(default)s)')
-    ap.add_argument('--img-size', type=int, default=512, help='training crop side; objects keep their scale '
-                                                              '(default: %(default)s)')
-    ap.add_argument('--epochs', type=int, default=100, help='passes over the train split (default: %(default)s)')
-    ap.add_argument('--batch-size', type=int, default=64, help='images per step (default: %(default)s)')
-    ap.add_argument('--lr', type=float, default=5e-4, help='peak learning rate of AdamW (default: %(default)s)')
-    ap.add_argument('--min-lr', type=float, default=1e-6, help='learning rate at the end of the cosine '
-                                                               '(default: %(default)s)')
-    ap.add_argument('--warmup-epochs', type=float, default=5, help='linear warmup length (default: %(default)s)')
-    ap.add_argument('--weight-decay', type=float, default=0.05, help='AdamW weight decay on weight matrices '
-                                                                     '(default: %(default)s)')
-    ap.add_argument('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
-    ap.add_argument('--mask', default='object', choices=['object', 'random'],
-                    help='object: hide patches on GT boxes first; random: MAE masking (default: %(default)s)')
-    ap.add_argument('--mask-ratio', type=float, default=0.75, help='share of patches hidden (default: %(default)s)')
-    ap.add_argument('--object-keep', type=float, default=0.25,
-                    help='probability that an object patch stays visible, object mode (default: %(default)s)')
-    ap.add_argument('--ema', type=float, nargs=2, default=[0.996, 1.0], metavar=('START', 'END'),
-                    help='EMA momentum of the target encoder, rising linearly (default: %(default)s)')
-    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
-    ap.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'],
-                    help='autocast dtype on CUDA; the CPU always runs float32 (default: %(default)s)')
-    ap.add_argument('--workers', type=int, default=4, help='data-loader processes (default: %(default)s)')
-    ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
-    ap.add_argument('--out', default='runs/pretrain', help='output folder for last.pt (default: %(default)s)')
+    a = ap.add_argument
+    a('--data', default='dota', help="dataset folder, or 'dota' (data/dota) or 'synthetic' (data/synthetic, "
+                                     'generated on first use) (default: %(default)s)')
+    a('--classes', default='dota1.0', choices=list(CLASSES), help='class list (default: %(default)s)')
+    a('--model', default='small', choices=list(PRESETS), help='ViT preset (default: %(default)s)')
+    a('--patch-size', type=int, default=16, help='ViT patch size in pixels (default: %(default)s)')
+    a('--img-size', type=int, default=512, help='training crop side; objects keep their scale (default: %(default)s)')
+    a('--epochs', type=int, default=100, help='passes over the train split (default: %(default)s)')
+    a('--batch-size', type=int, default=64, help='images per micro-batch (default: %(default)s)')
+    a('--accum', type=int, default=1, help='micro-batches per optimizer step (default: %(default)s)')
+    a('--lr', type=float, default=5e-4, help='peak learning rate of AdamW (default: %(default)s)')
+    a('--min-lr', type=float, default=1e-6, help='learning rate at the end of the cosine (default: %(default)s)')
+    a('--warmup-epochs', type=float, default=5, help='linear warmup length (default: %(default)s)')
+    a('--weight-decay', type=float, default=0.04, help='AdamW weight decay at the start (default: %(default)s)')
+    a('--weight-decay-end', type=float, default=0.4, help='weight decay at the end, cosine (default: %(default)s)')
+    a('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
+    a('--mask', default='object', choices=MODES, help='masking strategy, see masking.py (default: %(default)s)')
+    a('--mask-ratio', type=float, default=0.75, help='share of patches hidden; not used by block (default: '
+                                                     '%(default)s)')
+    a('--object-keep', type=float, default=0.25, help='object/mixed: probability that an object patch stays '
+                                                      'visible (default: %(default)s)')
+    a('--mask-dilate', type=float, default=0.0, help='object/mixed: grow boxes by this many pixels before choosing '
+                                                     'patches (default: %(default)s)')
+    a('--p-object', type=float, default=0.5, help='mixed: share of images masked object-aware, the rest at random '
+                                                  '(default: %(default)s)')
+    a('--predict', default='hidden', choices=['hidden', 'objects'], help='loss on every hidden patch or on the '
+                                                                         'hidden object patches only (default: %(default)s)')
+    a('--target', default='latent', choices=['latent', 'pixels'], help='JEPA features of the EMA target, or MAE '
+                                                                       'per-patch normalized pixels (default: %(default)s)')
+    a('--loss', default='mse', choices=['mse', 'smooth_l1'], help='regression loss (default: %(default)s)')
+    a('--ema', type=float, nargs=2, default=[0.996, 1.0], metavar=('START', 'END'),
+      help='EMA momentum of the target encoder, rising linearly (default: %(default)s)')
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
+    a('--amp', default='bf16', choices=['bf16', 'fp16', 'off'], help='autocast on CUDA (fp16 adds loss scaling); '
+                                                                     'the CPU runs float32 (default: %(default)s)')
+    a('--compile', action='store_true', help='torch.compile the encoders and the predictor')
+    a('--workers', type=int, default=4, help='data-loader processes (default: %(default)s)')
+    a('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    a('--out', default='runs/pretrain', help='output folder for last.pt and log.jsonl (default: %(default)s)')
+    a('--resume', default=None, help="a checkpoint to continue from ('auto': OUT/last.pt if it exists)")
+    a('--max-steps', type=int, default=None, help='stop (with a checkpoint) after this many optimizer steps; the '
+                                                  'schedules still span --epochs (default: none)')
+    a('--save-every', type=int, default=1000, help='also checkpoint every N optimizer steps (default: %(default)s)')
+    a('--log-every', type=int, default=10, help='write a log.jsonl line every N steps (default: %(default)s)')
+    a('--collapse-std', type=float, default=0.05, help='warn when the std of the target features across tokens '
+                                                       'falls below this (default: %(default)s)')
     return ap
 
 
-def jepa_loss(context, target, predictor, x, ctx_idx, tgt_idx):
-    """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt) -> (MSE at the targets, std of the target features)."""
+def patch_pixels(x, p):
+    """(B, 3, H, W) -> (B, N, p*p*3) per-patch pixels normalized by their own mean and variance (MAE norm_pix)."""
+    B, C, H, W = x.shape
+    t = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+    return (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def jepa_loss(context, target, predictor, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse'):
+    """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt); weight (B, Nt) or None (all hidden patches count).
+    -> (loss, stats dict of detached tensors: target and prediction std across tokens)."""
     p = context.patch_size
     gh, gw = x.shape[-2] // p, x.shape[-1] // p
     with torch.no_grad():
-        h = target(x)  # (B, N, D): the full image
-        h = F.layer_norm(h.float(), h.shape[-1:])  # normalized targets: a scale the predictor cannot shrink
+        if target_kind == 'latent':
+            h = target(x)  # (B, N, D): the full image
+            h = F.layer_norm(h.float(), h.shape[-1:])  # normalized targets: a scale the predictor cannot shrink
+        else:
+            h = patch_pixels(x.float(), p)  # (B, N, p*p*3)
         h = h.gather(1, tgt_idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, Nt, D)
     z = context(x, ctx_idx)  # (B, Nc, D): visible tokens only
-    pred = predictor(z, ctx_idx, tgt_idx, gh, gw)  # (B, Nt, D)
-    return F.mse_loss(pred.float(), h), h.std(0).mean()
+    pred = predictor(z, ctx_idx, tgt_idx, gh, gw).float()  # (B, Nt, D)
+    per = (F.mse_loss if loss == 'mse' else F.smooth_l1_loss)(pred, h, reduction='none').mean(-1)  # (B, Nt)
+    w = torch.ones_like(per) if weight is None else weight.to(per.dtype)
+    stats = {'target_std': h.std(1).mean().detach(), 'pred_std': pred.std(1).mean().detach()}
+    return (per * w).sum() / w.sum().clamp(min=1), stats
+
+
+def epoch_loader(ds, args, epoch, start_batch):
+    """This epoch's batches from `start_batch` on: the order is a fixed permutation of (seed, epoch), so a resumed
+    run sees the same batches without loading the ones it already did."""
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(ds), generator=g)
+    n = len(ds) // (args.batch_size * args.accum) * args.batch_size * args.accum  # whole optimizer steps only
+    return torch.utils.data.DataLoader(ds, args.batch_size, sampler=order[start_batch * args.batch_size:n].tolist(),
+                                       num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                                       collate_fn=functools.partial(collate, multiple=args.patch_size),
+                                       generator=g)  # workers' seeds from g: the global RNG stays untouched
+
+
+def save(path, state):
+    torch.save(state, f'{path}.tmp')
+    os.replace(f'{path}.tmp', path)  # a crash while writing never leaves a half-written checkpoint
 
 
 def main(argv=None):
@@ -78,64 +140,118 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[args.dtype]
-    root = resolve_data(args.data)
-    loader = make_loader(root, 'train', CLASSES[args.classes], args.img_size, args.batch_size, True, args.workers,
-                         args.patch_size)
+    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[args.amp] if cuda else None
+    ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True)
+    if len(ds) < args.batch_size * args.accum:
+        raise SystemExit(f'{len(ds)} training images are fewer than --batch-size x --accum '
+                         f'({args.batch_size * args.accum})')
 
     context = build_vit(args.model, args.patch_size).to(device)
     target = copy.deepcopy(context).requires_grad_(False)  # EMA copy, never trained by gradients
     pc = PRESETS[args.model]
-    predictor = Predictor(context.dim, pc['pred_dim'], pc['pred_depth'], pc['pred_heads']).to(device)
+    out_dim = args.patch_size ** 2 * 3 if args.target == 'pixels' else None
+    predictor = Predictor(context.dim, pc['pred_dim'], pc['pred_depth'], pc['pred_heads'], out_dim).to(device)
     opt = torch.optim.AdamW(param_groups([(context, 1.0), (predictor, 1.0)], args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(enabled=cuda and amp_dtype == torch.float16)  # bf16 needs no loss scaling
-    n_params = sum(p.numel() for p in context.parameters()) / 1e6
-    print(f'{args.model} ViT/{args.patch_size}: {n_params:.1f}M params, {len(loader.dataset)} train images, '
-          f'mask={args.mask} ratio={args.mask_ratio}, device={device}')
-
-    total, warmup = args.epochs * len(loader), int(args.warmup_epochs * len(loader))
+    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)  # bf16 needs no loss scaling
     gen = torch.Generator().manual_seed(args.seed)  # masks are drawn on the CPU, reproducibly
+    steps_per_epoch = len(ds) // args.batch_size // args.accum
+    total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    step, start_epoch, start_batch = 0, 0, 0
     os.makedirs(args.out, exist_ok=True)
-    step = 0
-    for epoch in range(args.epochs):
+    last = os.path.join(args.out, 'last.pt')
+    if args.resume == 'auto':
+        args.resume = last if os.path.exists(last) else None
+    if args.resume:
+        ck = torch.load(args.resume, map_location='cpu', weights_only=True)  # tensors and plain types only
+        context.load_state_dict(ck['context'])
+        target.load_state_dict(ck['target'])
+        predictor.load_state_dict(ck['predictor'])
+        opt.load_state_dict(ck['optimizer'])
+        scaler.load_state_dict(ck['scaler'])
+        step, start_epoch, start_batch = ck['step'], ck['epoch'], ck['batch']
+        torch.set_rng_state(ck['rng']['torch'])
+        gen.set_state(ck['rng']['mask'])
+        if cuda and 'cuda' in ck['rng']:
+            torch.cuda.set_rng_state(ck['rng']['cuda'])
+        print(f'resumed from {args.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}')
+    student = [context, predictor]
+    fwd_context, fwd_target, fwd_predictor = context, target, predictor
+    if args.compile:
+        fwd_context, fwd_target, fwd_predictor = (torch.compile(m) for m in (context, target, predictor))
+    n_params = sum(p.numel() for p in context.parameters()) / 1e6
+    print(f'{args.model} ViT/{args.patch_size}: {n_params:.1f}M params, {len(ds)} train images, mask={args.mask}, '
+          f'target={args.target}, predict={args.predict}, device={device}')
+
+    def checkpoint(epoch, batch):
+        rng = {'torch': torch.get_rng_state(), 'mask': gen.get_state()}
+        if cuda:
+            rng['cuda'] = torch.cuda.get_rng_state()
+        save(last, {'context': context.state_dict(), 'target': target.state_dict(),
+                    'predictor': predictor.state_dict(), 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
+                    'step': step, 'epoch': epoch, 'batch': batch, 'rng': rng, 'args': vars(args)})
+
+    log = open(os.path.join(args.out, 'log.jsonl'), 'a')
+    for epoch in range(start_epoch, args.epochs):
         context.train(), predictor.train()
+        loader = epoch_loader(ds, args, epoch, start_batch if epoch == start_epoch else 0)
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True)
-        t0, seen, loss_sum, std_sum = time.time(), 0, 0.0, 0.0
+        t0, seen, loss_sum, batch = time.time(), 0, 0.0, start_batch if epoch == start_epoch else 0
         for images, targets in bar:
-            lr = lr_at(step, total, warmup, args.lr, args.min_lr)
-            for g in opt.param_groups:
-                g['lr'] = lr
             x = to_input(images, device)
             gh, gw = x.shape[-2] // args.patch_size, x.shape[-1] // args.patch_size
-            ctx_idx, tgt_idx = make_masks(args.mask, [t['boxes'] for t in targets], gh, gw, args.patch_size,
-                                          args.mask_ratio, args.object_keep, gen)
-            ctx_idx, tgt_idx = ctx_idx.to(device), tgt_idx.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and amp_dtype != torch.float32):
-                loss, feat_std = jepa_loss(context, target, predictor, x, ctx_idx, tgt_idx)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f'loss is {loss.item()} at step {step}; lower --lr or use --dtype bfloat16')
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            ctx_idx, tgt_idx, tgt_obj = make_masks(args.mask, [t['boxes'] for t in targets], gh, gw, args.patch_size,
+                                                   args.mask_ratio, args.object_keep, gen, args.mask_dilate,
+                                                   args.p_object)
+            weight = tgt_obj.to(device) if args.predict == 'objects' else None
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss, stats = jepa_loss(fwd_context, fwd_target, fwd_predictor, x, ctx_idx.to(device),
+                                        tgt_idx.to(device), weight, args.target, args.loss)
+            if not torch.isfinite(loss):  # stop before anything is written over the last good checkpoint
+                raise FloatingPointError(f'loss is {loss.item()} at step {step} (epoch {epoch + 1}, batch {batch}); '
+                                         f'{last} holds the last good state. Lower --lr, or use --amp bf16 '
+                                         f'instead of fp16.')
+            scaler.scale(loss / args.accum).backward()
+            batch, seen, loss_sum = batch + 1, seen + len(images), loss_sum + loss.item()
+            if batch % args.accum:
+                continue  # accumulate gradients over --accum micro-batches
+            lr = lr_at(step, total, warmup, args.lr, args.min_lr)
+            wd = args.weight_decay_end + (args.weight_decay - args.weight_decay_end) * 0.5 * (
+                1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+            for g in opt.param_groups:  # (opt.param_groups, not a list kept from before: a resume replaces them)
+                g['lr'], g['weight_decay'] = lr, wd * g['wd_scale']
             if args.clip_grad > 0:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], args.clip_grad)
+                torch.nn.utils.clip_grad_norm_([p for m in student for p in m.parameters()], args.clip_grad)
             scaler.step(opt)
             scaler.update()
-            ema_update(target, context, ema_momentum(step, total, *args.ema))
+            opt.zero_grad(set_to_none=True)
+            momentum = ema_momentum(step, total, *args.ema)
+            if args.target == 'latent':
+                ema_update(target, context, momentum)
             step += 1
-            seen += len(images)
-            loss_sum, std_sum = loss_sum + loss.item(), std_sum + feat_std.item()
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}', img_s=f'{seen / (time.time() - t0):.1f}')
-        n = max(len(loader), 1)
-        # the std of the (layer-normed) target features across the batch falls towards 0 if the encoders collapse
-        print(f'epoch {epoch + 1}: loss {loss_sum / n:.4f}, target feature std {std_sum / n:.3f}, '
-              f'{seen / (time.time() - t0):.1f} img/s')
-        ckpt = {'context': context.state_dict(), 'target': target.state_dict(), 'predictor': predictor.state_dict(),
-                'optimizer': opt.state_dict(), 'step': step, 'epoch': epoch + 1, 'args': vars(args)}
-        torch.save(ckpt, os.path.join(args.out, 'last.pt.tmp'))
-        os.replace(os.path.join(args.out, 'last.pt.tmp'), os.path.join(args.out, 'last.pt'))  # never half-written
-    print(f'saved {os.path.join(args.out, "last.pt")}')
+            if step % args.log_every == 0:
+                rec = {'step': step, 'epoch': epoch + 1, 'loss': loss.item(), 'lr': lr, 'weight_decay': wd,
+                       'momentum': momentum, **{k: v.item() for k, v in stats.items()}}
+                log.write(json.dumps(rec) + '\n')
+                log.flush()
+                if rec['target_std'] < args.collapse_std:  # (predictions start near-constant: not a signal)
+                    tqdm.write(f'warning: step {step}: the target features vary by {rec["target_std"]:.4f} (std '
+                               f'across tokens): the representation may be collapsing')
+            if step % args.save_every == 0 or step == args.max_steps:
+                checkpoint(epoch, batch)
+            if step == args.max_steps:
+                break
+        if step == args.max_steps:
+            print(f'stopped at --max-steps {step}; continue with --resume {last}')
+            break
+        if seen:
+            print(f'epoch {epoch + 1}: loss {loss_sum * args.batch_size / seen:.4f}, target std across tokens '
+                  f'{stats["target_std"].item():.3f}, {seen / (time.time() - t0):.1f} img/s')
+        checkpoint(epoch + 1, 0)
+    log.close()
+    print(f'saved {last}')
 
 
 if __name__ == '__main__':

@@ -87,7 +87,7 @@ def test_a_few_pretrain_steps_lower_the_loss_on_a_fixed_batch():
     predictor = Predictor(32, 32, 1, 2)
     x = torch.randn(4, 3, 32, 32)
     boxes = [torch.tensor([[4.0, 4, 20, 12]])] * 4
-    ctx, tgt = make_masks('object', boxes, 4, 4, 8, 0.75, generator=torch.Generator().manual_seed(0))
+    ctx, tgt, _ = make_masks('object', boxes, 4, 4, 8, 0.75, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(list(context.parameters()) + list(predictor.parameters()), lr=1e-3)
     losses = []
     for _ in range(60):

@@ -1,0 +1,99 @@
+"""Pretraining as a research tool: every strategy runs, exact resume, safe checkpoints, NaN stop, pixel targets."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import pretrain
+from model import build_vit, export
+from prepare import make_synthetic
+
+
+@pytest.fixture(scope='module')
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp('synth')
+    make_synthetic(root, n_train=16, n_val=2, size=32, seed=1)
+    return root
+
+
+def run(synth, out, *extra):
+    pretrain.main(['--data', str(synth), '--model', 'test', '--img-size', '32', '--patch-size', '8',
+                   '--batch-size', '4', '--epochs', '2', '--warmup-epochs', '1', '--workers', '0', '--device', 'cpu',
+                   '--log-every', '1', '--out', str(out), *map(str, extra)])
+    return [json.loads(line) for line in open(out / 'log.jsonl')]
+
+
+@pytest.mark.parametrize('flags', [
+    ['--mask', 'object', '--predict', 'objects', '--mask-dilate', '4'],
+    ['--mask', 'random', '--target', 'pixels'],
+    ['--mask', 'mixed', '--loss', 'smooth_l1', '--accum', '2'],
+    ['--mask', 'block'],
+])
+def test_every_strategy_runs_and_logs(synth, tmp_path, flags):
+    log = run(synth, tmp_path, *flags)
+    steps = 8 // (2 if '--accum' in flags else 1)
+    assert [r['step'] for r in log] == list(range(1, steps + 1))
+    assert all(set(r) >= {'loss', 'lr', 'weight_decay', 'momentum', 'target_std', 'pred_std'} for r in log)
+    assert log[0]['weight_decay'] == pytest.approx(0.04) and log[-1]['weight_decay'] > 0.3  # cosine 0.04 -> 0.4
+    ck = torch.load(tmp_path / 'last.pt', weights_only=True)
+    assert ck['step'] == steps and ck['epoch'] == 2
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(synth, tmp_path):
+    full = run(synth, tmp_path / 'full')
+    part = run(synth, tmp_path / 'part', '--max-steps', 3)  # stops mid-epoch 1 (4 steps per epoch)
+    assert len(part) == 3
+    rest = run(synth, tmp_path / 'part', '--resume', 'auto')
+    assert [r['step'] for r in rest] == list(range(1, 9))[:3] + list(range(4, 9))  # the log file is appended to
+    assert [r['loss'] for r in rest[3:]] == [r['loss'] for r in full[3:]]  # exact, not approximately
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused(synth, tmp_path):
+    marker = tmp_path / 'pwned'
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+    torch.save({'context': Evil()}, tmp_path / 'evil.pt')
+    with pytest.raises(pickle.UnpicklingError):
+        run(synth, tmp_path / 'out', '--resume', tmp_path / 'evil.pt')
+    assert not marker.exists()
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(synth, tmp_path, monkeypatch):
+    real, calls = pretrain.jepa_loss, []
+
+    def poisoned(*a, **k):
+        loss, stats = real(*a, **k)
+        calls.append(1)
+        return (loss * float('nan') if len(calls) == 4 else loss), stats
+    monkeypatch.setattr(pretrain, 'jepa_loss', poisoned)
+    with pytest.raises(FloatingPointError, match=r'at step 3 .*--amp bf16'):
+        run(synth, tmp_path, '--save-every', 2)
+    ck = torch.load(tmp_path / 'last.pt', weights_only=True)  # the good state of step 2 is intact
+    assert ck['step'] == 2 and all(torch.isfinite(v).all() for v in ck['context'].values())
+
+
+def test_pixel_loss_is_maes_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    context = build_vit('test', 8)
+    predictor = pretrain.Predictor(32, 32, 1, 2, out_dim=8 * 8 * 3)
+    ctx, tgt = torch.tensor([[0, 3], [1, 2]]), torch.tensor([[1, 2], [0, 3]])
+    loss, _ = pretrain.jepa_loss(context, None, predictor, x, ctx, tgt, target_kind='pixels')
+    # MAE: patchify (n, c, h, p, w, q) -> (n, h*w, p*q*c), normalize each patch by its mean and unbiased variance
+    patches = torch.einsum('nchpwq->nhwpqc', x.reshape(2, 3, 2, 8, 2, 8)).reshape(2, 4, 192)
+    patches = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+    pred = predictor(context(x, ctx), ctx, tgt, 2, 2)
+    want = ((pred - patches.gather(1, tgt[..., None].expand(-1, -1, 192))) ** 2).mean(-1).mean()
+    torch.testing.assert_close(loss, want)
+
+
+def test_export_writes_an_encoder_in_timm_layout(synth, tmp_path):
+    run(synth, tmp_path, '--max-steps', 1)
+    export(tmp_path / 'last.pt', 'target', tmp_path / 'encoder.pth')
+    state = torch.load(tmp_path / 'encoder.pth', weights_only=True)
+    assert 'blocks.0.attn.qkv.weight' in state
+    build_vit('test', 8).load_state_dict(state)  # strict
