@@ -220,16 +220,20 @@ class DOTADataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        """key: an index, or (index, seed): the seed fixes this item's augmentation (pretrain.py uses one per epoch
+        and image, so a resumed or multi-GPU run draws exactly the same crops and flips); else the global RNG."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        g = None if seed is None else torch.Generator().manual_seed(seed)
         with warnings.catch_warnings():  # the array is read-only: fine, augmentations never write in place
             warnings.simplefilter('ignore', UserWarning)
             img = torch.from_numpy(read_image(self.files[i]))  # (H, W, 3) uint8
         t = self.targets[i]
         boxes, labels, diff = torch.from_numpy(t['boxes']), torch.from_numpy(t['labels']), torch.from_numpy(t['difficult'])
         if self.train:
-            img, boxes, keep = random_crop(img, boxes, self.img_size)
+            img, boxes, keep = random_crop(img, boxes, self.img_size, g)
             labels, diff = labels[keep], diff[keep]
-            img, boxes = random_dihedral(img, boxes)
+            img, boxes = random_dihedral(img, boxes, g)
         return img, {'boxes': boxes, 'labels': labels, 'difficult': diff, 'name': self.files[i].stem,
                      'size': tuple(img.shape[:2])}
 
@@ -237,11 +241,11 @@ class DOTADataset(torch.utils.data.Dataset):
 # Augmentations work on torch (H, W, 3) uint8 tensors: a crop is a view, flips and transposes are torch's fast
 # kernels (numpy's strided copies of 3-byte pixels are ~10x slower). Channels stay last until the device (see
 # to_input): no CPU transpose to (3, H, W).
-def random_crop(img, boxes, size):
+def random_crop(img, boxes, size, generator=None):
     """A random window of at most size x size of img (H, W, 3), as a view (collate pads smaller ones); boxes are
     shifted and clipped, and those left with less than 1 px of width or height are dropped (keep mask returned)."""
     h, w = img.shape[:2]
-    top, left = (int(torch.randint(0, max(n - size, 0) + 1, ())) for n in (h, w))  # torch RNG: seeded per worker
+    top, left = (int(torch.randint(0, max(n - size, 0) + 1, (), generator=generator)) for n in (h, w))
     img = img[top:top + size, left:left + size]
     limit = torch.tensor([img.shape[1], img.shape[0]] * 2, dtype=boxes.dtype)
     boxes = torch.minimum((boxes - torch.tensor([left, top] * 2, dtype=boxes.dtype)).clamp(min=0), limit)
@@ -249,11 +253,11 @@ def random_crop(img, boxes, size):
     return img, boxes[keep], keep
 
 
-def random_dihedral(img, boxes):
+def random_dihedral(img, boxes, generator=None):
     """One of the 8 flips/rotations by 90 degrees of img (H, W, 3), uniformly: transpose (square images only),
     then horizontal and vertical flips."""
     h, w = img.shape[:2]
-    flip = torch.rand(3) < 0.5
+    flip = torch.rand(3, generator=generator) < 0.5
     if h == w and flip[0]:
         img, boxes = img.transpose(0, 1), boxes[:, [1, 0, 3, 2]]
     if flip[1]:

@@ -47,6 +47,16 @@ def object_patches(boxes, grid_h, grid_w, patch_size, dilate=0.0):
     return hit.flatten(1)
 
 
+def _rand(shape, generator, rows=None):
+    """torch.rand(shape); with rows = (lo, hi, total), rows lo:hi of a draw for `total` images. A GPU of a
+    multi-GPU run takes its rows of the draw for the whole global batch, so the masks do not depend on the number
+    of GPUs."""
+    if rows is None:
+        return torch.rand(shape, generator=generator)
+    lo, hi, total = rows
+    return torch.rand((total, *shape[1:]), generator=generator)[lo:hi]
+
+
 def _split_by_priority(priority, mask_ratio):
     """priority (B, N): the M highest are hidden. -> context (B, N - M), targets (B, M), sorted ascending."""
     B, N = priority.shape
@@ -57,34 +67,34 @@ def _split_by_priority(priority, mask_ratio):
     return order[:, M:].sort(1).values, order[:, :M].sort(1).values
 
 
-def random_masking(B, N, mask_ratio, generator=None):
+def random_masking(B, N, mask_ratio, generator=None, rows=None):
     """MAE: hide M = round(mask_ratio * N) uniformly random patches per image."""
-    return _split_by_priority(torch.rand(B, N, generator=generator), mask_ratio)
+    return _split_by_priority(_rand((B, N), generator, rows), mask_ratio)
 
 
-def _object_priority(is_object, object_keep, generator):
+def _object_priority(is_object, object_keep, generator, rows=None):
     """Tiers (higher is hidden first), random within a tier: 2 = object patch chosen for hiding (probability
     1 - object_keep), 1 = background, 0 = object patch kept visible. -> (B, N) float."""
-    u = torch.rand(is_object.shape, generator=generator)
-    hide = is_object & (torch.rand(is_object.shape, generator=generator) >= object_keep)
+    u = _rand(is_object.shape, generator, rows)
+    hide = is_object & (_rand(is_object.shape, generator, rows) >= object_keep)
     return 1.0 + hide.float() - (is_object & ~hide).float() + u
 
 
-def object_masking(is_object, mask_ratio, object_keep=0.25, generator=None):
+def object_masking(is_object, mask_ratio, object_keep=0.25, generator=None, rows=None):
     """is_object (B, N) bool from object_patches -> context (B, N - M), targets (B, M)."""
-    return _split_by_priority(_object_priority(is_object, object_keep, generator), mask_ratio)
+    return _split_by_priority(_object_priority(is_object, object_keep, generator, rows), mask_ratio)
 
 
-def _block(B, grid_h, grid_w, scale, aspect, generator, wrap=False):
+def _block(B, grid_h, grid_w, scale, aspect, generator, wrap=False, rows=None):
     """One random block per image -> (B, grid_h * grid_w) bool. Size from a scale of the grid and an aspect ratio;
     the corner is uniform over every position where the block fits (or anywhere, wrapping, if wrap)."""
-    s = torch.empty(B).uniform_(*scale, generator=generator)
-    r = torch.exp(torch.empty(B).uniform_(math.log(aspect[0]), math.log(aspect[1]), generator=generator))
+    s = scale[0] + (scale[1] - scale[0]) * _rand((B,), generator, rows)
+    r = torch.exp(math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * _rand((B,), generator, rows))
     h = (s * grid_h * grid_w * r).sqrt().round().clamp(1, grid_h).long()  # (B,)
     w = (s * grid_h * grid_w / r).sqrt().round().clamp(1, grid_w).long()
     span_h, span_w = (grid_h, grid_w) if wrap else (grid_h - h + 1, grid_w - w + 1)
-    top = (torch.rand(B, generator=generator) * span_h).long()  # inclusive of the last position
-    left = (torch.rand(B, generator=generator) * span_w).long()
+    top = (_rand((B,), generator, rows) * span_h).long()  # inclusive of the last position
+    left = (_rand((B,), generator, rows) * span_w).long()
     rows = (torch.arange(grid_h)[None] - top[:, None]) % (grid_h if wrap else 10 ** 9)  # (B, gh) offset in block
     cols = (torch.arange(grid_w)[None] - left[:, None]) % (grid_w if wrap else 10 ** 9)
     inside = ((rows >= 0) & (rows < h[:, None]))[:, :, None] & ((cols >= 0) & (cols < w[:, None]))[:, None, :]
@@ -92,37 +102,38 @@ def _block(B, grid_h, grid_w, scale, aspect, generator, wrap=False):
 
 
 def block_masking(B, grid_h, grid_w, generator=None, n_targets=4, target_scale=(0.15, 0.2),
-                  target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0)):
-    """I-JEPA multi-block -> context (B, Nc), targets (B, M) with Nc, M the smallest counts in the batch."""
+                  target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), rows=None):
+    """I-JEPA multi-block -> context (B, Nc), targets (B, M) with Nc, M the smallest counts in the (local) batch."""
     target = torch.zeros(B, grid_h * grid_w, dtype=torch.bool)
     for _ in range(n_targets):
-        target |= _block(B, grid_h, grid_w, target_scale, target_aspect, generator)
-    context = _block(B, grid_h, grid_w, context_scale, (1.0, 1.0), generator, wrap=True) & ~target
+        target |= _block(B, grid_h, grid_w, target_scale, target_aspect, generator, rows=rows)
+    context = _block(B, grid_h, grid_w, context_scale, (1.0, 1.0), generator, wrap=True, rows=rows) & ~target
     M, Nc = int(target.sum(1).min()), int(context.sum(1).min())
     if M == 0 or Nc == 0:
         raise ValueError(f'a {grid_h}x{grid_w} grid is too small for block masking')
-    u = torch.rand(B, grid_h * grid_w, generator=generator)
+    u = _rand((B, grid_h * grid_w), generator, rows)
     tgt = (target.float() + u).argsort(1, descending=True)[:, :M]  # M random patches of each image's targets
     ctx = (context.float() + u).argsort(1, descending=True)[:, :Nc]
     return ctx.sort(1).values, tgt.sort(1).values
 
 
 def make_masks(mode, boxes, grid_h, grid_w, patch_size, mask_ratio=0.75, object_keep=0.25, generator=None,
-               dilate=0.0, p_object=0.5):
-    """One call for pretrain.py -> context idx (B, Nc), target idx (B, M), target_is_object (B, M) bool, CPU."""
+               dilate=0.0, p_object=0.5, rows=None):
+    """One call for pretrain.py -> context idx (B, Nc), target idx (B, M), target_is_object (B, M) bool, CPU.
+    rows = (lo, hi, total): these images are rows lo:hi of a global batch of `total` (multi-GPU, see _rand)."""
     B, N = len(boxes), grid_h * grid_w
     is_object = object_patches(boxes, grid_h, grid_w, patch_size, dilate)  # (B, N)
     if mode == 'random':
-        ctx, tgt = random_masking(B, N, mask_ratio, generator)
+        ctx, tgt = random_masking(B, N, mask_ratio, generator, rows)
     elif mode == 'object':
-        ctx, tgt = object_masking(is_object, mask_ratio, object_keep, generator)
+        ctx, tgt = object_masking(is_object, mask_ratio, object_keep, generator, rows)
     elif mode == 'mixed':
-        use_object = torch.rand(B, 1, generator=generator) < p_object
-        priority = torch.where(use_object, _object_priority(is_object, object_keep, generator),
-                               torch.rand(B, N, generator=generator))
+        use_object = _rand((B, 1), generator, rows) < p_object
+        priority = torch.where(use_object, _object_priority(is_object, object_keep, generator, rows),
+                               _rand((B, N), generator, rows))
         ctx, tgt = _split_by_priority(priority, mask_ratio)
     elif mode == 'block':
-        ctx, tgt = block_masking(B, grid_h, grid_w, generator)
+        ctx, tgt = block_masking(B, grid_h, grid_w, generator, rows=rows)
     else:
         raise ValueError(f'unknown mask mode {mode!r}; expected one of {", ".join(MODES)}')
     return ctx, tgt, is_object.gather(1, tgt)

@@ -23,6 +23,7 @@ predictions (they fall toward 0 when the representation collapses; a warning is 
 is below --collapse-std).
 """
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -31,7 +32,10 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import CLASSES, DOTADataset, collate, resolve_data, to_input
@@ -97,36 +101,50 @@ def patch_pixels(x, p):
     return (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
-def jepa_loss(context, target, predictor, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse'):
+class Student(nn.Module):
+    """What gradients train: the context encoder and the predictor, one module so that DDP syncs both."""
+
+    def __init__(self, context, predictor):
+        super().__init__()
+        self.context, self.predictor = context, predictor
+
+    def forward(self, x, ctx_idx, tgt_idx):
+        """x (B, 3, H, W), ctx_idx (B, Nc), tgt_idx (B, Nt) -> predictions (B, Nt, D) at the targets."""
+        p = self.context.patch_size
+        z = self.context(x, ctx_idx)  # (B, Nc, D): visible tokens only
+        return self.predictor(z, ctx_idx, tgt_idx, x.shape[-2] // p, x.shape[-1] // p)
+
+
+def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse', patch_size=16):
     """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt); weight (B, Nt) or None (all hidden patches count).
     -> (loss, stats dict of detached tensors: target and prediction std across tokens)."""
-    p = context.patch_size
-    gh, gw = x.shape[-2] // p, x.shape[-1] // p
     with torch.no_grad():
         if target_kind == 'latent':
             h = target(x)  # (B, N, D): the full image
             h = F.layer_norm(h.float(), h.shape[-1:])  # normalized targets: a scale the predictor cannot shrink
         else:
-            h = patch_pixels(x.float(), p)  # (B, N, p*p*3)
+            h = patch_pixels(x.float(), patch_size)  # (B, N, p*p*3)
         h = h.gather(1, tgt_idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, Nt, D)
-    z = context(x, ctx_idx)  # (B, Nc, D): visible tokens only
-    pred = predictor(z, ctx_idx, tgt_idx, gh, gw).float()  # (B, Nt, D)
+    pred = student(x, ctx_idx, tgt_idx).float()  # (B, Nt, D)
     per = (F.mse_loss if loss == 'mse' else F.smooth_l1_loss)(pred, h, reduction='none').mean(-1)  # (B, Nt)
     w = torch.ones_like(per) if weight is None else weight.to(per.dtype)
     stats = {'target_std': h.std(1).mean().detach(), 'pred_std': pred.std(1).mean().detach()}
     return (per * w).sum() / w.sum().clamp(min=1), stats
 
 
-def epoch_loader(ds, args, epoch, start_batch):
-    """This epoch's batches from `start_batch` on: the order is a fixed permutation of (seed, epoch), so a resumed
-    run sees the same batches without loading the ones it already did."""
-    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    order = torch.randperm(len(ds), generator=g)
-    n = len(ds) // (args.batch_size * args.accum) * args.batch_size * args.accum  # whole optimizer steps only
-    return torch.utils.data.DataLoader(ds, args.batch_size, sampler=order[start_batch * args.batch_size:n].tolist(),
-                                       num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                                       collate_fn=functools.partial(collate, multiple=args.patch_size),
-                                       generator=g)  # workers' seeds from g: the global RNG stays untouched
+def epoch_loader(ds, args, epoch, start_batch, rank=0, world=1):
+    """This rank's batches of the epoch from `start_batch` on. The order is a fixed permutation of (seed, epoch)
+    cut into global batches of batch_size x world images, rank r taking the r-th slice of each, so one process
+    with batch B x world sees the same global batches as world processes with batch B. Each image also carries
+    a seed for its augmentation, fixed by (seed, epoch, index): a resumed or multi-GPU run draws the same crops."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)).tolist()
+    gb = args.batch_size * world
+    steps = len(ds) // (gb * args.accum) * args.accum  # whole optimizer steps only
+    mine = [order[k * gb + rank * args.batch_size + j] for k in range(start_batch, steps) for j in range(args.batch_size)]
+    keys = [(i, (args.seed * 1000003 + epoch) * 10000019 + i) for i in mine]
+    return torch.utils.data.DataLoader(ds, args.batch_size, sampler=keys, num_workers=args.workers,
+                                       pin_memory=torch.cuda.is_available(),
+                                       collate_fn=functools.partial(collate, multiple=args.patch_size))
 
 
 def save(path, state):
@@ -136,26 +154,34 @@ def save(path, state):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
+    ddp = 'RANK' in os.environ  # started by torchrun: one process per GPU
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
+    if ddp:
+        dist.init_process_group('nccl' if cuda else 'gloo')
+        if cuda:
+            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(device)
+    main0 = rank == 0  # prints, logs and checkpoints
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[args.amp] if cuda else None
     ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True)
-    if len(ds) < args.batch_size * args.accum:
-        raise SystemExit(f'{len(ds)} training images are fewer than --batch-size x --accum '
-                         f'({args.batch_size * args.accum})')
+    steps_per_epoch = len(ds) // (args.batch_size * world * args.accum)
+    if steps_per_epoch == 0:
+        raise SystemExit(f'{len(ds)} training images are fewer than one step: --batch-size x --accum x GPUs = '
+                         f'{args.batch_size * args.accum * world}')
 
     context = build_vit(args.model, args.patch_size).to(device)
     target = copy.deepcopy(context).requires_grad_(False)  # EMA copy, never trained by gradients
     pc = PRESETS[args.model]
     out_dim = args.patch_size ** 2 * 3 if args.target == 'pixels' else None
     predictor = Predictor(context.dim, pc['pred_dim'], pc['pred_depth'], pc['pred_heads'], out_dim).to(device)
-    opt = torch.optim.AdamW(param_groups([(context, 1.0), (predictor, 1.0)], args.weight_decay), lr=args.lr,
-                            betas=(0.9, 0.95))
+    student = Student(context, predictor)
+    opt = torch.optim.AdamW(param_groups([(student, 1.0)], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)  # bf16 needs no loss scaling
-    gen = torch.Generator().manual_seed(args.seed)  # masks are drawn on the CPU, reproducibly
-    steps_per_epoch = len(ds) // args.batch_size // args.accum
+    gen = torch.Generator().manual_seed(args.seed)  # masks: drawn on the CPU for the global batch (masking._rand)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     step, start_epoch, start_batch = 0, 0, 0
     os.makedirs(args.out, exist_ok=True)
@@ -174,16 +200,18 @@ def main(argv=None):
         gen.set_state(ck['rng']['mask'])
         if cuda and 'cuda' in ck['rng']:
             torch.cuda.set_rng_state(ck['rng']['cuda'])
-        print(f'resumed from {args.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}')
-    student = [context, predictor]
-    fwd_context, fwd_target, fwd_predictor = context, target, predictor
-    if args.compile:
-        fwd_context, fwd_target, fwd_predictor = (torch.compile(m) for m in (context, target, predictor))
-    n_params = sum(p.numel() for p in context.parameters()) / 1e6
-    print(f'{args.model} ViT/{args.patch_size}: {n_params:.1f}M params, {len(ds)} train images, mask={args.mask}, '
-          f'target={args.target}, predict={args.predict}, device={device}')
+        if main0:
+            print(f'resumed from {args.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}')
+    model = DDP(student, device_ids=[device] if cuda else None) if ddp else student
+    fwd_model, fwd_target = (torch.compile(model), torch.compile(target)) if args.compile else (model, target)
+    if main0:
+        n_params = sum(p.numel() for p in context.parameters()) / 1e6
+        print(f'{args.model} ViT/{args.patch_size}: {n_params:.1f}M params, {len(ds)} train images, {world} '
+              f'process(es), mask={args.mask}, target={args.target}, predict={args.predict}, device={device}')
 
     def checkpoint(epoch, batch):
+        if not main0:
+            return
         rng = {'torch': torch.get_rng_state(), 'mask': gen.get_state()}
         if cuda:
             rng['cuda'] = torch.cuda.get_rng_state()
@@ -191,30 +219,35 @@ def main(argv=None):
                     'predictor': predictor.state_dict(), 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
                     'step': step, 'epoch': epoch, 'batch': batch, 'rng': rng, 'args': vars(args)})
 
-    log = open(os.path.join(args.out, 'log.jsonl'), 'a')
+    log = open(os.path.join(args.out, 'log.jsonl'), 'a') if main0 else None
     for epoch in range(start_epoch, args.epochs):
-        context.train(), predictor.train()
-        loader = epoch_loader(ds, args, epoch, start_batch if epoch == start_epoch else 0)
-        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True)
-        t0, seen, loss_sum, batch = time.time(), 0, 0.0, start_batch if epoch == start_epoch else 0
+        student.train()
+        first = start_batch if epoch == start_epoch else 0
+        loader = epoch_loader(ds, args, epoch, first, rank, world)
+        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True, disable=not main0)
+        t0, seen, loss_sum, batch = time.time(), 0, 0.0, first
         for images, targets in bar:
             x = to_input(images, device)
             gh, gw = x.shape[-2] // args.patch_size, x.shape[-1] // args.patch_size
+            B = len(images)
             ctx_idx, tgt_idx, tgt_obj = make_masks(args.mask, [t['boxes'] for t in targets], gh, gw, args.patch_size,
                                                    args.mask_ratio, args.object_keep, gen, args.mask_dilate,
-                                                   args.p_object)
+                                                   args.p_object, rows=(rank * B, (rank + 1) * B, world * B))
             weight = tgt_obj.to(device) if args.predict == 'objects' else None
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, stats = jepa_loss(fwd_context, fwd_target, fwd_predictor, x, ctx_idx.to(device),
-                                        tgt_idx.to(device), weight, args.target, args.loss)
-            if not torch.isfinite(loss):  # stop before anything is written over the last good checkpoint
-                raise FloatingPointError(f'loss is {loss.item()} at step {step} (epoch {epoch + 1}, batch {batch}); '
-                                         f'{last} holds the last good state. Lower --lr, or use --amp bf16 '
-                                         f'instead of fp16.')
-            scaler.scale(loss / args.accum).backward()
-            batch, seen, loss_sum = batch + 1, seen + len(images), loss_sum + loss.item()
-            if batch % args.accum:
-                continue  # accumulate gradients over --accum micro-batches
+            batch, seen = batch + 1, seen + B
+            sync = batch % args.accum == 0  # DDP all-reduces gradients only on the last micro-batch of a step
+            with model.no_sync() if ddp and not sync else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss, stats = jepa_loss(fwd_model, fwd_target, x, ctx_idx.to(device), tgt_idx.to(device), weight,
+                                            args.target, args.loss, args.patch_size)
+                if not torch.isfinite(loss):  # stop before anything is written over the last good checkpoint
+                    raise FloatingPointError(f'loss is {loss.item()} at step {step} (epoch {epoch + 1}, batch '
+                                             f'{batch}); {last} holds the last good state. Lower --lr, or use '
+                                             f'--amp bf16 instead of fp16.')
+                scaler.scale(loss / args.accum).backward()
+            loss_sum += loss.item()
+            if not sync:
+                continue
             lr = lr_at(step, total, warmup, args.lr, args.min_lr)
             wd = args.weight_decay_end + (args.weight_decay - args.weight_decay_end) * 0.5 * (
                 1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
@@ -222,7 +255,7 @@ def main(argv=None):
                 g['lr'], g['weight_decay'] = lr, wd * g['wd_scale']
             if args.clip_grad > 0:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_([p for m in student for p in m.parameters()], args.clip_grad)
+                torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -230,28 +263,37 @@ def main(argv=None):
             if args.target == 'latent':
                 ema_update(target, context, momentum)
             step += 1
-            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}', img_s=f'{seen / (time.time() - t0):.1f}')
             if step % args.log_every == 0:
-                rec = {'step': step, 'epoch': epoch + 1, 'loss': loss.item(), 'lr': lr, 'weight_decay': wd,
+                logged = loss.detach().clone()
+                if ddp:  # the mean over GPUs: the loss of the global batch (equal target counts per image)
+                    dist.all_reduce(logged, op=dist.ReduceOp.AVG if cuda else dist.ReduceOp.SUM)
+                    logged = logged if cuda else logged / world
+                rec = {'step': step, 'epoch': epoch + 1, 'loss': logged.item(), 'lr': lr, 'weight_decay': wd,
                        'momentum': momentum, **{k: v.item() for k, v in stats.items()}}
-                log.write(json.dumps(rec) + '\n')
-                log.flush()
-                if rec['target_std'] < args.collapse_std:  # (predictions start near-constant: not a signal)
-                    tqdm.write(f'warning: step {step}: the target features vary by {rec["target_std"]:.4f} (std '
-                               f'across tokens): the representation may be collapsing')
+                if main0:
+                    log.write(json.dumps(rec) + '\n')
+                    log.flush()
+                    if rec['target_std'] < args.collapse_std:  # (predictions start near-constant: not a signal)
+                        tqdm.write(f'warning: step {step}: the target features vary by {rec["target_std"]:.4f} '
+                                   f'(std across tokens): the representation may be collapsing')
+            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}', img_s=f'{seen / (time.time() - t0):.1f}')
             if step % args.save_every == 0 or step == args.max_steps:
                 checkpoint(epoch, batch)
             if step == args.max_steps:
                 break
         if step == args.max_steps:
-            print(f'stopped at --max-steps {step}; continue with --resume {last}')
+            if main0:
+                print(f'stopped at --max-steps {step}; continue with --resume {last}')
             break
-        if seen:
+        if seen and main0:
             print(f'epoch {epoch + 1}: loss {loss_sum * args.batch_size / seen:.4f}, target std across tokens '
-                  f'{stats["target_std"].item():.3f}, {seen / (time.time() - t0):.1f} img/s')
+                  f'{stats["target_std"].item():.3f}, {seen * world / (time.time() - t0):.1f} img/s')
         checkpoint(epoch + 1, 0)
-    log.close()
-    print(f'saved {last}')
+    if main0:
+        log.close()
+        print(f'saved {last}')
+    if ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

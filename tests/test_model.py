@@ -12,7 +12,7 @@ from masking import make_masks
 from model import (Attention, Detector, MinCostMatcher, Predictor, assign_min_cost, build_vit, detection_loss,
                    ema_momentum, ema_update, lr_at, postprocess, sincos_pos_embed)
 from prepare import make_synthetic
-from pretrain import jepa_loss
+from pretrain import Student, jepa_loss
 
 
 def test_attention_equals_explicit_softmax():
@@ -91,7 +91,7 @@ def test_a_few_pretrain_steps_lower_the_loss_on_a_fixed_batch():
     opt = torch.optim.AdamW(list(context.parameters()) + list(predictor.parameters()), lr=1e-3)
     losses = []
     for _ in range(60):
-        loss, _ = jepa_loss(context, target, predictor, x, ctx, tgt)
+        loss, _ = jepa_loss(Student(context, predictor), target, x, ctx, tgt, patch_size=8)
         opt.zero_grad()
         loss.backward()
         opt.step()

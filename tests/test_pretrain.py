@@ -82,7 +82,8 @@ def test_pixel_loss_is_maes_formula():
     context = build_vit('test', 8)
     predictor = pretrain.Predictor(32, 32, 1, 2, out_dim=8 * 8 * 3)
     ctx, tgt = torch.tensor([[0, 3], [1, 2]]), torch.tensor([[1, 2], [0, 3]])
-    loss, _ = pretrain.jepa_loss(context, None, predictor, x, ctx, tgt, target_kind='pixels')
+    student = pretrain.Student(context, predictor)
+    loss, _ = pretrain.jepa_loss(student, None, x, ctx, tgt, target_kind='pixels', patch_size=8)
     # MAE: patchify (n, c, h, p, w, q) -> (n, h*w, p*q*c), normalize each patch by its mean and unbiased variance
     patches = torch.einsum('nchpwq->nhwpqc', x.reshape(2, 3, 2, 8, 2, 8)).reshape(2, 4, 192)
     patches = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
@@ -97,3 +98,22 @@ def test_export_writes_an_encoder_in_timm_layout(synth, tmp_path):
     state = torch.load(tmp_path / 'encoder.pth', weights_only=True)
     assert 'blocks.0.attn.qkv.weight' in state
     build_vit('test', 8).load_state_dict(state)  # strict
+
+
+def test_two_processes_give_the_loss_of_one_with_the_same_global_batch(synth, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    common = ['--data', synth, '--model', 'test', '--img-size', 32, '--patch-size', 8, '--epochs', 2,
+              '--warmup-epochs', 1, '--workers', 0, '--device', 'cpu', '--log-every', 1]
+    one = run(synth, tmp_path / 'one', '--batch-size', 8)  # run() passes --batch-size 4; the later flag wins
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        str(ROOT / 'pretrain.py'), *map(str, common), '--batch-size', '4', '--out', str(tmp_path / 'two')],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = [json.loads(line) for line in open(tmp_path / 'two' / 'log.jsonl')]
+    assert [r['step'] for r in two] == [r['step'] for r in one] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert a['loss'] == pytest.approx(b['loss'], abs=1e-5)
+    assert '2 process(es)' in p.stdout
