@@ -162,7 +162,8 @@ def resolve_data(data):
         print(f'generating the synthetic dataset in {root} (once)')
         make_synthetic(root)
     if not root.is_dir():
-        raise FileNotFoundError(f'--data {data}: {root} is not a folder; expected ROOT/{{train,val}}/{{images,labelTxt}}')
+        raise FileNotFoundError(f'--data {data}: {root} is not a folder; expected '
+                                f'ROOT/{{train,val}}/{{images,labelTxt}}')
     return root
 
 
@@ -229,7 +230,7 @@ class DOTADataset(torch.utils.data.Dataset):
             warnings.simplefilter('ignore', UserWarning)
             img = torch.from_numpy(read_image(self.files[i]))  # (H, W, 3) uint8
         t = self.targets[i]
-        boxes, labels, diff = torch.from_numpy(t['boxes']), torch.from_numpy(t['labels']), torch.from_numpy(t['difficult'])
+        boxes, labels, diff = (torch.from_numpy(t[k]) for k in ('boxes', 'labels', 'difficult'))
         if self.train:
             img, boxes, keep = random_crop(img, boxes, self.img_size, g)
             labels, diff = labels[keep], diff[keep]

@@ -183,7 +183,8 @@ def merge_tiles(tile_dets, iou_thr=0.5):
         keep = torch.cat([torch.nonzero(labels == c).squeeze(1)[nms(boxes[labels == c], scores[labels == c], iou_thr)]
                           for c in labels.unique()] + [torch.zeros(0, dtype=torch.long)])
         keep = keep[scores[keep].argsort(descending=True, stable=True)]
-        merged[image_id] = {'boxes': boxes[keep].numpy(), 'scores': scores[keep].numpy(), 'labels': labels[keep].numpy()}
+        merged[image_id] = {'boxes': boxes[keep].numpy(), 'scores': scores[keep].numpy(),
+                            'labels': labels[keep].numpy()}
     return merged
 
 
@@ -276,7 +277,8 @@ def get_parser():
                     'DOTA task-2 number (default: dota with --merge, coco otherwise)')
     ap.add_argument('--sizes', action='store_true', help='also print AP by object size (coco protocol)')
     ap.add_argument('--merge', action='store_true', help='model mode: map tile detections to full images (tile names '
-                    '<id>__<rate>__<left>___<top>), NMS across seams, evaluate against --labels, write submission files')
+                    '<id>__<rate>__<left>___<top>), NMS across seams, evaluate against --labels, write '
+                    'submission files')
     ap.add_argument('--nms-iou', type=float, default=0.5, help='IoU above which --merge drops the lower-scored of '
                                                                'two same-class boxes (default: %(default)s)')
     ap.add_argument('--classes', default=None, choices=list(CLASSES), help="class list; default: the checkpoint's "

@@ -356,7 +356,7 @@ def postprocess(out, max_det=1000, conf=0.001, sizes=None):
         bx = boxes[b, i // C].float()
         if sizes is not None:
             h, w = sizes[b]
-            bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w), bx[:, 3].clamp(0, h)], 1)
+            bx = torch.minimum(bx.clamp(min=0), torch.tensor([w, h, w, h], dtype=bx.dtype, device=bx.device))
         results.append({'boxes': bx.cpu(), 'scores': s.cpu(), 'labels': (i % C).cpu()})
     return results
 

@@ -70,10 +70,10 @@ def get_parser():
                                                      'patches (default: %(default)s)')
     a('--p-object', type=float, default=0.5, help='mixed: share of images masked object-aware, the rest at random '
                                                   '(default: %(default)s)')
-    a('--predict', default='hidden', choices=['hidden', 'objects'], help='loss on every hidden patch or on the '
-                                                                         'hidden object patches only (default: %(default)s)')
-    a('--target', default='latent', choices=['latent', 'pixels'], help='JEPA features of the EMA target, or MAE '
-                                                                       'per-patch normalized pixels (default: %(default)s)')
+    a('--predict', default='hidden', choices=['hidden', 'objects'],
+      help='loss on every hidden patch or on the hidden object patches only (default: %(default)s)')
+    a('--target', default='latent', choices=['latent', 'pixels'],
+      help='JEPA features of the EMA target, or MAE per-patch normalized pixels (default: %(default)s)')
     a('--loss', default='mse', choices=['mse', 'smooth_l1'], help='regression loss (default: %(default)s)')
     a('--ema', type=float, nargs=2, default=[0.996, 1.0], metavar=('START', 'END'),
       help='EMA momentum of the target encoder, rising linearly (default: %(default)s)')
@@ -140,7 +140,8 @@ def epoch_loader(ds, args, epoch, start_batch, rank=0, world=1):
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)).tolist()
     gb = args.batch_size * world
     steps = len(ds) // (gb * args.accum) * args.accum  # whole optimizer steps only
-    mine = [order[k * gb + rank * args.batch_size + j] for k in range(start_batch, steps) for j in range(args.batch_size)]
+    mine = [order[k * gb + rank * args.batch_size + j]
+            for k in range(start_batch, steps) for j in range(args.batch_size)]
     keys = [(i, (args.seed * 1000003 + epoch) * 10000019 + i) for i in mine]
     return torch.utils.data.DataLoader(ds, args.batch_size, sampler=keys, num_workers=args.workers,
                                        pin_memory=torch.cuda.is_available(),

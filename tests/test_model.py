@@ -4,7 +4,6 @@ import itertools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data import CLASSES, DOTADataset, collate, to_input
 from metrics import evaluate_coco
