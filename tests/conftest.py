@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,3 +16,18 @@ def dota_sample():
     if not (path / 'labelTxt').is_dir():
         pytest.skip(f'real DOTA sample not found at {path} (set DOTA_SAMPLE to its folder)')
     return path
+
+
+def dets(boxes, scores, labels=None):
+    """Detections of one image for the evaluator tests (class 0 unless labels are given)."""
+    boxes = np.asarray(boxes, float).reshape(-1, 4)
+    return {'boxes': boxes, 'scores': np.asarray(scores, float),
+            'labels': np.zeros(len(boxes), int) if labels is None else np.asarray(labels)}
+
+
+def gts(boxes, labels=None, difficult=None):
+    """Ground truth of one image for the evaluator tests."""
+    boxes = np.asarray(boxes, float).reshape(-1, 4)
+    n = len(boxes)
+    return {'boxes': boxes, 'labels': np.zeros(n, int) if labels is None else np.asarray(labels),
+            'difficult': np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, dets, gts
 from data import CLASSES, LabelError, parse_label_file
 from evaluate import merge_tiles, nms, read_labels, read_submission, write_submission
 from metrics import box_iou, evaluate_coco, evaluate_dota
@@ -16,16 +16,6 @@ from prepare import split
 V1 = CLASSES['dota1.0']
 
 
-def dets(boxes, scores, labels=None):
-    boxes = np.asarray(boxes, float).reshape(-1, 4)
-    return {'boxes': boxes, 'scores': np.asarray(scores, float),
-            'labels': np.zeros(len(boxes), int) if labels is None else np.asarray(labels)}
-
-
-def gts(boxes, labels=None, difficult=None):
-    boxes = np.asarray(boxes, float).reshape(-1, 4)
-    return {'boxes': boxes, 'labels': np.zeros(len(boxes), int) if labels is None else np.asarray(labels),
-            'difficult': np.zeros(len(boxes), bool) if difficult is None else np.asarray(difficult, bool)}
 
 
 def test_iou_048_continuous_052_with_plus_one():

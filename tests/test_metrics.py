@@ -2,23 +2,13 @@
 import numpy as np
 import pytest
 
+from conftest import dets, gts
 from evaluate import format_table, summary
 from metrics import IOU_THRS, box_iou, evaluate_coco as evaluate, match_image, match_sequential
 
 HALF = 51 / 101  # AP when precision is 1 up to recall 0.5 and nothing is found beyond: 51 of 101 recall points
 
 
-def dets(boxes, scores, labels=None):
-    boxes = np.asarray(boxes, float).reshape(-1, 4)
-    return {'boxes': boxes, 'scores': np.asarray(scores, float),
-            'labels': np.zeros(len(boxes), int) if labels is None else np.asarray(labels)}
-
-
-def gts(boxes, labels=None, difficult=None):
-    boxes = np.asarray(boxes, float).reshape(-1, 4)
-    n = len(boxes)
-    return {'boxes': boxes, 'labels': np.zeros(n, int) if labels is None else np.asarray(labels),
-            'difficult': np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool)}
 
 
 A, B = [0, 0, 10, 10], [20, 20, 30, 30]
