@@ -16,8 +16,6 @@ from prepare import split
 V1 = CLASSES['dota1.0']
 
 
-
-
 def test_iou_048_continuous_052_with_plus_one():
     gt, det = [0, 0, 10, 12], [0, 0, 10, 5.76]
     assert box_iou([det], [gt])[0, 0] == pytest.approx(0.48)

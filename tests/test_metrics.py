@@ -9,8 +9,6 @@ from metrics import IOU_THRS, box_iou, evaluate_coco as evaluate, match_image, m
 HALF = 51 / 101  # AP when precision is 1 up to recall 0.5 and nothing is found beyond: 51 of 101 recall points
 
 
-
-
 A, B = [0, 0, 10, 10], [20, 20, 30, 30]
 
 
