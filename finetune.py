@@ -12,6 +12,7 @@ import argparse
 import os
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,8 +37,14 @@ def get_parser():
     ap.add_argument('--epochs', type=int, default=50, help='passes over the train split (default: %(default)s)')
     ap.add_argument('--batch-size', type=int, default=16, help='images per step (default: %(default)s)')
     ap.add_argument('--lr', type=float, default=2e-4, help='peak AdamW learning rate (default: %(default)s)')
-    ap.add_argument('--backbone-lr-scale', type=float, default=1.0,
-                    help='the backbone learns at lr x this (default: %(default)s)')
+    ap.add_argument('--layer-decay', type=float, default=0.75,
+                    help='layer-wise lr decay: backbone block i of L learns at lr x decay^(L - i), the patch '
+                         'embedding at decay^(L + 1); 1 = off (default: %(default)s)')
+    ap.add_argument('--freeze-backbone', action='store_true', help='train the head only (a linear-probe-like check '
+                                                                  'of the pretrained features)')
+    ap.add_argument('--matcher', choices=['greedy', 'hungarian'], default='greedy',
+                    help="one-to-one assignment: our min-cost rule, or scipy's Hungarian for comparison (needs "
+                         'scipy) (default: %(default)s)')
     ap.add_argument('--warmup-epochs', type=float, default=2, help='linear warmup length (default: %(default)s)')
     ap.add_argument('--weight-decay', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
     ap.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth of the backbone '
@@ -80,6 +87,30 @@ def build(args):
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim)
 
 
+def layer_decay_parts(model, decay):
+    """(module, lr scale) pairs for param_groups: the head at 1, backbone block i of L at decay^(L - i), the patch
+    embedding at decay^(L + 1) (MAE/BEiT's layer-wise decay: lower layers, more general features, change less)."""
+    b = model.backbone
+    L = len(b.blocks)
+    parts = [(b.patch_embed, decay ** (L + 1)), (b.norm, 1.0)]
+    parts += [(blk, decay ** (L - i)) for i, blk in enumerate(b.blocks)]
+    return parts + [(model.neck, 1.0), (model.cls, 1.0), (model.box, 1.0)]
+
+
+def shared_centre_share(ds, stride):
+    """Share of GT boxes whose centre falls in a stride x stride cell that holds another GT centre (whole images,
+    as labelled; computed once)."""
+    shared = total = 0
+    for t in ds.targets:
+        if len(t['boxes']) == 0:
+            continue
+        c = ((t['boxes'][:, :2] + t['boxes'][:, 2:]) / 2 // stride).astype(np.int64)  # (n, 2) cell of each centre
+        _, inverse, counts = np.unique(c, axis=0, return_inverse=True, return_counts=True)
+        shared += int((counts[inverse.ravel()] > 1).sum())
+        total += len(c)
+    return shared / max(total, 1)
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     torch.manual_seed(args.seed)
@@ -95,13 +126,16 @@ def main(argv=None):
                                args.patch_size)
     val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size)
 
-    groups = param_groups([(model.backbone, args.backbone_lr_scale), (model.neck, 1.0), (model.cls, 1.0),
-                           (model.box, 1.0)], args.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=args.lr)
+    if args.freeze_backbone:
+        model.backbone.requires_grad_(False)  # param_groups skips frozen parameters
+    opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay), args.weight_decay), lr=args.lr)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-    matcher = MinCostMatcher()
+    matcher = MinCostMatcher(method=args.matcher)
     print(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
           f'stride {model.stride}, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images')
+    for s in sorted({16, model.stride}, reverse=True):  # how often the one-cell-one-object assumption breaks
+        print(f'GT whose centre cell at stride {s} holds another GT centre: '
+              f'{shared_centre_share(train_loader.dataset, s):.1%}')
 
     total, warmup = args.epochs * len(train_loader), int(args.warmup_epochs * len(train_loader))
     os.makedirs(args.out, exist_ok=True)
@@ -109,6 +143,7 @@ def main(argv=None):
     for epoch in range(args.epochs):
         model.train()
         bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True)
+        diag = {'iou': [], 'above_0.3_per_gt': []}
         for images, targets in bar:
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
@@ -126,7 +161,11 @@ def main(argv=None):
             scaler.step(opt)
             scaler.update()
             step += 1
+            for k in diag:
+                diag[k].append(parts.pop(k))
             bar.set_postfix(loss=f'{loss.item():.3f}', **{k: f'{v:.3f}' for k, v in parts.items()})
+        print(f'epoch {epoch + 1}: mean IoU of matched pairs {np.mean(diag["iou"]):.3f}, predictions above 0.3 per GT '
+              f'{np.mean(diag["above_0.3_per_gt"]):.2f}')
         ckpt = {'model': model.state_dict(), 'args': vars(args), 'class_names': class_names, 'epoch': epoch + 1}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             res, table = run_eval(model, val_loader, class_names, device, args.conf, args.max_det, args.out)

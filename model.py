@@ -270,8 +270,12 @@ class MinCostMatcher:
     and leaves the game. Each round matches at least one GT, usually almost all; torch ops only, no loop over boxes.
     """
 
-    def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5):
-        self.w_cls, self.w_l1, self.w_giou, self.radius = w_cls, w_l1, w_giou, radius
+    def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, method='greedy'):
+        """method: 'greedy' (the rule above) or 'hungarian' (scipy's linear_sum_assignment on the same cost, for
+        comparison; scipy is not a run-time requirement)."""
+        self.w_cls, self.w_l1, self.w_giou, self.radius, self.method = w_cls, w_l1, w_giou, radius, method
+        if method == 'hungarian':
+            from scipy.optimize import linear_sum_assignment  # noqa: F401  fail now, not mid-training
 
     @torch.no_grad()
     def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride):
@@ -284,6 +288,10 @@ class MinCostMatcher:
         reach = gwh.div(2).clamp(min=self.radius * stride)  # (G, 2)
         outside = ((centres[:, None] - gc[None]).abs() > reach[None]).any(-1)  # (M, G)
         cost = self.w_cls * (pos - neg) + self.w_l1 * l1 - self.w_giou * g + 1e4 * outside
+        if self.method == 'hungarian':
+            from scipy.optimize import linear_sum_assignment
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
         return assign_min_cost(cost)
 
 
@@ -316,7 +324,9 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     Every cell is a prediction; the matched cell of each GT is a positive for its class, all other (cell, class)
     pairs are negatives. Sigmoid focal loss over all of them, plus L1 (in stride units, so a 10 px box still gets
     gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in the batch.
-    -> (total loss, dict of detached terms for logging)."""
+    -> (total loss, dict of detached numbers for logging: the terms, the mean IoU of the matched pairs, and the
+    number of (cell, class) scores above 0.3 per GT: about 1 when the one-to-one matching has taught the head not
+    to duplicate)."""
     logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, M, C)
     src, tgt = [], []
@@ -331,14 +341,18 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     n = max(sum(len(t['boxes']) for t in targets), 1)
     pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, M, C) each
     loss_cls = torch.where(is_pos, pos, neg).sum() / n
+    iou = torch.zeros(())
     if src:
         src, tgt = torch.cat(src), torch.cat(tgt)
         loss_l1 = (src - tgt).abs().sum() / stride / n
-        loss_giou = (1 - giou(src, tgt)[0]).sum() / n
+        g, iou = giou(src, tgt)
+        loss_giou = (1 - g).sum() / n
     else:
         loss_l1 = loss_giou = boxes.sum() * 0.0
     total = w_cls * loss_cls + w_l1 * loss_l1 + w_giou * loss_giou
-    return total, {'cls': loss_cls.item(), 'l1': loss_l1.item(), 'giou': loss_giou.item()}
+    above = (logits.detach().float() > math.log(0.3 / 0.7)).sum().item() / n  # sigmoid > 0.3
+    return total, {'cls': loss_cls.item(), 'l1': loss_l1.item(), 'giou': loss_giou.item(),
+                   'iou': iou.detach().mean().item() if iou.numel() else 0.0, 'above_0.3_per_gt': above}
 
 
 @torch.no_grad()

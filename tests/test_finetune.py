@@ -1,0 +1,55 @@
+"""The fine-tuning recipe: layer-wise lr decay, frozen backbone, matcher choice, dataset diagnostics."""
+import numpy as np
+import pytest
+import torch
+
+from finetune import layer_decay_parts, shared_centre_share
+from model import Detector, MinCostMatcher, assign_min_cost, build_vit, param_groups
+
+
+def test_layer_decay_covers_every_parameter_once_with_decaying_scales():
+    det = Detector(build_vit('mini', 8), 15)
+    groups = param_groups(layer_decay_parts(det, 0.5), 0.05)
+    seen = [id(p) for g in groups for p in g['params']]
+    assert sorted(seen) == sorted(id(p) for p in det.parameters()) and len(seen) == len(set(seen))
+    scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
+    L = len(det.backbone.blocks)  # 4
+    assert scale[id(det.backbone.patch_embed.proj.weight)] == 0.5 ** (L + 1)
+    assert [scale[id(b.attn.qkv.weight)] for b in det.backbone.blocks] == [0.5 ** (L - i) for i in range(L)]
+    assert scale[id(det.cls.weight)] == 1.0 and scale[id(det.backbone.norm.weight)] == 1.0
+
+
+def test_frozen_backbone_is_left_out_of_the_optimizer():
+    det = Detector(build_vit('test', 8), 3)
+    det.backbone.requires_grad_(False)
+    params = {id(p) for g in param_groups(layer_decay_parts(det, 0.75), 0.05) for p in g['params']}
+    assert not params & {id(p) for p in det.backbone.parameters()} and id(det.cls.weight) in params
+
+
+def test_hungarian_is_never_worse_than_the_greedy_rule():
+    pytest.importorskip('scipy', reason='scipy is in requirements-dev.txt')
+    from scipy.optimize import linear_sum_assignment
+    rng = np.random.default_rng(0)
+    worse = 0
+    for _ in range(50):
+        cost = torch.tensor(rng.random((30, 12)))
+        r, c = assign_min_cost(cost)
+        hr, hc = linear_sum_assignment(cost.numpy())
+        greedy, best = cost[r, c].sum().item(), cost.numpy()[hr, hc].sum()
+        assert best <= greedy + 1e-12
+        worse += greedy > best + 1e-12
+    assert worse > 0  # on random costs the greedy rule is not optimal: the comparison is informative
+    det = Detector(build_vit('test', 8), 2)
+    out = det(torch.zeros(1, 3, 32, 32))
+    gt = torch.tensor([[9.0, 9, 12, 12], [12.5, 9, 15.5, 12]])
+    pi, gi = MinCostMatcher(method='hungarian')(out['logits'][0], out['boxes'][0], out['centres'], gt,
+                                                torch.tensor([0, 1]), 8)
+    assert len(set(pi.tolist())) == 2 and sorted(gi.tolist()) == [0, 1]
+
+
+def test_shared_centre_share():
+    class DS:
+        targets = [{'boxes': np.array([[0, 0, 4, 4], [4, 4, 8, 8], [20, 20, 30, 30]], np.float32)},
+                   {'boxes': np.zeros((0, 4), np.float32)}]
+    assert shared_centre_share(DS, 8) == pytest.approx(2 / 3)  # centres (2,2), (6,6) share cell (0,0)
+    assert shared_centre_share(DS, 4) == 0.0
