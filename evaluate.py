@@ -263,7 +263,8 @@ def load_detector(path, device):
     """A Detector from a finetune.py checkpoint -> (model, the checkpoint)."""
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     a = ckpt['args']
-    model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'])
+    model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'],
+                     a.get('stride', 8))
     model.load_state_dict(ckpt['model'])
     return model.to(device), ckpt
 

@@ -51,6 +51,9 @@ def get_parser():
                                                                  '(default: %(default)s)')
     ap.add_argument('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
     ap.add_argument('--head-dim', type=int, default=128, help='width of the detection head (default: %(default)s)')
+    ap.add_argument('--stride', type=int, default=8, help='stride of the prediction map: the patch size divided by a '
+                                                          'power of 2 (patch 16: 16 or 8; patch 8: 8 or 4) (default: '
+                                                          '%(default)s)')
     ap.add_argument('--eval-every', type=int, default=5, help='evaluate on val every N epochs and at the end '
                                                               '(default: %(default)s)')
     ap.add_argument('--conf', type=float, default=0.001, help='score floor at evaluation (default: %(default)s)')
@@ -84,7 +87,9 @@ def build(args):
     backbone = build_vit(args.model, args.patch_size, args.drop_path)
     if state is not None:
         backbone.load_state_dict(state)  # strict: every key of the encoder must match
-    return Detector(backbone, len(CLASSES[args.classes]), args.head_dim)
+    if args.stride > args.patch_size:
+        raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
+    return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride)
 
 
 def layer_decay_parts(model, decay):

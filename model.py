@@ -211,15 +211,17 @@ class Detector(nn.Module):
 
     A box is decoded from the cell centre c and the outputs (dx, dy, dw, dh) as centre c + (dx, dy) * stride and
     size exp(dw, dh) * stride, so a cell may claim an object whose centre lies in a neighbouring cell (needed when
-    several small objects share a cell). Patch sizes above 8 are upsampled by transposed convolutions (ViTDet's
-    simple pyramid, one level), because objects of 6 px need a stride of 8 or finer.
+    several small objects share a cell). The ViT's tokens (stride = patch size) are upsampled to `stride` by
+    transposed convolutions (ViTDet's simple pyramid, one level), because objects of 6 px need a stride of 8 or finer.
     """
 
-    def __init__(self, backbone, num_classes, head_dim=128):
+    def __init__(self, backbone, num_classes, head_dim=128, stride=8):
         super().__init__()
         self.backbone, self.num_classes = backbone, num_classes
         p, c, layers = backbone.patch_size, backbone.dim, []
-        while p > 8:
+        if stride > p or p % stride or (p // stride) & (p // stride - 1):
+            raise ValueError(f'stride {stride} must be the patch size {p} divided by a power of 2')
+        while p > stride:
             layers += [nn.ConvTranspose2d(c, c, 2, 2), nn.GroupNorm(8, c), nn.GELU()]
             p //= 2
         self.stride = p

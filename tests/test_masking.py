@@ -104,3 +104,16 @@ def test_random_masking_and_bad_ratio():
         make_masks('blocks', [torch.zeros(0, 4)], 2, 2, 8, 0.5)
     with pytest.raises(ValueError, match='too small for block'):
         block_masking(2, 1, 1)
+
+
+@pytest.mark.parametrize('mode', ['object', 'random', 'mixed', 'block'])
+def test_every_row_and_column_is_sometimes_hidden(mode):
+    g = torch.Generator().manual_seed(0)
+    hit = torch.zeros(10 * 12)
+    for _ in range(30):
+        xy = torch.rand(8, 2) * 80
+        boxes = [torch.cat([xy[i:i + 1], xy[i:i + 1] + 12], 1) for i in range(8)]
+        _, tgt, _ = make_masks(mode, boxes, 10, 12, 8, 0.75, generator=g)
+        hit += torch.zeros(8, 120).scatter_(1, tgt, 1.0).sum(0)
+    hit = hit.view(10, 12)
+    assert (hit.sum(1) > 0).all() and (hit.sum(0) > 0).all()

@@ -3,6 +3,7 @@ import copy
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from data import CLASSES, DOTADataset, collate, to_input
@@ -148,3 +149,15 @@ def test_detector_overfits_one_synthetic_image(tmp_path):
         preds = postprocess(det(x), max_det=100, sizes=[(64, 64)])
     res = evaluate_coco(preds, [t], 15)
     assert np.nanmean(res['ap'][:, 0]) >= 0.9, res['ap'][:, 0]
+
+
+def test_prediction_map_stride():
+    x = torch.zeros(2, 3, 64, 96)
+    assert Detector(build_vit('test', 16), 3, 32, stride=16)(x)['logits'].shape == (2, 4 * 6, 3)
+    assert Detector(build_vit('test', 16), 3, 32, stride=8)(x)['logits'].shape == (2, 8 * 12, 3)
+    out = Detector(build_vit('test', 8), 3, 32, stride=4)(x)
+    assert out['logits'].shape == (2, 16 * 24, 3) and out['stride'] == 4
+    torch.testing.assert_close(out['centres'][:2], torch.tensor([[2.0, 2.0], [6.0, 2.0]]))
+    for bad in (32, 12):
+        with pytest.raises(ValueError, match='power of 2'):
+            Detector(build_vit('test', 16), 3, 32, stride=bad)

@@ -60,5 +60,7 @@ def test_chain_end_to_end(tmp_path):
     assert merged['protocol'] == 'dota' and 0 <= merged['map50_voc07'] <= 1
     # from scratch
     out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data', data,
-              '--epochs', 1, '--head-dim', 32, '--out', tmp_path / 'scratch', *common, cwd=tmp_path)
-    assert 'best val mAP50' in out
+              '--epochs', 1, '--head-dim', 32, '--stride', 4, '--out', tmp_path / 'scratch', *common, cwd=tmp_path)
+    assert 'best val mAP50' in out and 'stride 4' in out
+    out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'scratch' / 'best.pt', '--workers', 0, cwd=tmp_path)
+    assert out.splitlines()[0].split()[0] == 'Class'
