@@ -42,6 +42,8 @@ def get_parser():
                          'embedding at decay^(L + 1); 1 = off (default: %(default)s)')
     ap.add_argument('--freeze-backbone', action='store_true', help='train the head only (a linear-probe-like check '
                                                                   'of the pretrained features)')
+    ap.add_argument('--cls-loss', choices=['focal', 'varifocal'], default='focal',
+                    help='classification loss: sigmoid focal, or varifocal (IoU-aware targets) (default: %(default)s)')
     ap.add_argument('--matcher', choices=['greedy', 'hungarian'], default='greedy',
                     help="one-to-one assignment: our min-cost rule, or scipy's Hungarian for comparison (needs "
                          'scipy) (default: %(default)s)')
@@ -155,7 +157,7 @@ def main(argv=None):
                 g['lr'] = lr * g['lr_scale']
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = model(to_input(images, device))
-                loss, parts = detection_loss(out, targets, matcher)
+                loss, parts = detection_loss(out, targets, matcher, cls_loss=args.cls_loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f'loss is {loss.item()} at step {step}; lower --lr or use --amp bf16')
             opt.zero_grad(set_to_none=True)

@@ -320,17 +320,20 @@ def assign_min_cost(cost):
     return match[gt], gt
 
 
-def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0):
+def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal'):
     """Set-prediction loss of a Detector output against a list of B target dicts (boxes, labels on any device).
 
     Every cell is a prediction; the matched cell of each GT is a positive for its class, all other (cell, class)
-    pairs are negatives. Sigmoid focal loss over all of them, plus L1 (in stride units, so a 10 px box still gets
-    gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in the batch.
+    pairs are negatives. Sigmoid focal loss over all of them (or, cls_loss='varifocal', VarifocalNet's IoU-aware
+    loss: a positive's target is the IoU of its box with its GT, weighted by that IoU; negatives as focal with
+    alpha 0.75), plus L1 (in stride units, so a 10 px box still gets gradient) and 1 - GIoU on the matched pairs;
+    each term is divided by the number of GT in the batch.
     -> (total loss, dict of detached numbers for logging: the terms, the mean IoU of the matched pairs, and the
     number of (cell, class) scores above 0.3 per GT: about 1 when the one-to-one matching has taught the head not
     to duplicate)."""
     logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, M, C)
+    quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, M, C) IoU of each positive, for varifocal
     src, tgt = [], []
     for b, t in enumerate(targets):  # one matching per image: boxes per image differ in number
         gt_boxes, gt_labels = t['boxes'].to(boxes.device).float(), t['labels'].to(boxes.device)
@@ -338,10 +341,16 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             continue
         pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres, gt_boxes, gt_labels, stride)
         is_pos[b, pi, gt_labels[gi]] = True
+        quality[b, pi, gt_labels[gi]] = giou(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
     n = max(sum(len(t['boxes']) for t in targets), 1)
-    pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, M, C) each
+    if cls_loss == 'varifocal':
+        x = logits.float()
+        pos = quality * F.binary_cross_entropy_with_logits(x, quality, reduction='none')
+        neg = 0.75 * x.sigmoid() ** gamma * F.softplus(x)  # -log(1 - p) = softplus(x)
+    else:
+        pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, M, C) each
     loss_cls = torch.where(is_pos, pos, neg).sum() / n
     iou = torch.zeros(())
     if src:

@@ -9,7 +9,7 @@ import torch
 from data import CLASSES, DOTADataset, collate, to_input
 from metrics import evaluate_coco
 from masking import make_masks
-from model import (Attention, Detector, MinCostMatcher, Predictor, assign_min_cost, build_vit, detection_loss,
+from model import (Attention, Detector, MinCostMatcher, Predictor, assign_min_cost, build_vit, detection_loss, giou,
                    ema_momentum, ema_update, lr_at, postprocess, sincos_pos_embed)
 from prepare import make_synthetic
 from pretrain import Student, jepa_loss
@@ -130,7 +130,8 @@ def test_matcher_gives_neighbouring_cells_to_objects_sharing_a_cell():
     assert len(set(pi.tolist())) == 2 and sorted(gi.tolist()) == [0, 1]
 
 
-def test_detector_overfits_one_synthetic_image(tmp_path):
+@pytest.mark.parametrize('cls_loss', ['focal', 'varifocal'])
+def test_detector_overfits_one_synthetic_image(tmp_path, cls_loss):
     torch.manual_seed(0)
     make_synthetic(tmp_path, n_train=1, n_val=0, size=64, seed=5)
     images, (t,) = collate([DOTADataset(tmp_path, 'train', CLASSES['dota1.0'])[0]], multiple=8)
@@ -140,7 +141,7 @@ def test_detector_overfits_one_synthetic_image(tmp_path):
     x = to_input(images, torch.device('cpu'))
     matcher = MinCostMatcher()
     for _ in range(300):
-        loss, _ = detection_loss(det(x), [t], matcher)
+        loss, _ = detection_loss(det(x), [t], matcher, cls_loss=cls_loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -161,3 +162,18 @@ def test_prediction_map_stride():
     for bad in (32, 12):
         with pytest.raises(ValueError, match='power of 2'):
             Detector(build_vit('test', 16), 3, 32, stride=bad)
+
+
+def test_varifocal_loss_matches_its_formula():
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 8), 2, 32)
+    out = det(torch.randn(1, 3, 16, 16))  # 4 cells
+    gt = {'boxes': torch.tensor([[2.0, 2, 7, 7]]), 'labels': torch.tensor([1])}
+    pi, gi = MinCostMatcher()(out['logits'][0], out['boxes'][0], out['centres'], gt['boxes'], gt['labels'], 8)
+    q = giou(out['boxes'][0, pi].detach(), gt['boxes'][gi])[1].item()
+    p = out['logits'][0].detach().sigmoid()
+    want = -0.75 * p ** 2 * torch.log(1 - p)  # every (cell, class) a negative ...
+    pp = p[pi.item(), 1]
+    want[pi.item(), 1] = -q * (q * torch.log(pp) + (1 - q) * torch.log(1 - pp))  # ... but the positive
+    _, parts = detection_loss(out, [gt], MinCostMatcher(), cls_loss='varifocal')
+    assert parts['cls'] == pytest.approx(want.sum().item(), rel=1e-5)
