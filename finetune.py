@@ -9,6 +9,7 @@ evaluated on the val split every --eval-every epochs (evaluate.run_eval); OUT/be
 OUT/last.pt the latest weights. Both hold the model, the args and the class names that evaluate.py needs.
 """
 import argparse
+import math
 import os
 import time
 
@@ -158,8 +159,9 @@ def main(argv=None):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = model(to_input(images, device))
                 loss, parts = detection_loss(out, targets, matcher, cls_loss=args.cls_loss)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f'loss is {loss.item()} at step {step}; lower --lr or use --amp bf16')
+            loss_value = loss.item()  # one host sync per step: check and progress bar
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f'loss is {loss_value} at step {step}; lower --lr or use --amp bf16')
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad > 0:
@@ -170,7 +172,7 @@ def main(argv=None):
             step += 1
             for k in diag:
                 diag[k].append(parts.pop(k))
-            bar.set_postfix(loss=f'{loss.item():.3f}', **{k: f'{v:.3f}' for k, v in parts.items()})
+            bar.set_postfix(loss=f'{loss_value:.3f}', **{k: f'{v:.3f}' for k, v in parts.items()})
         print(f'epoch {epoch + 1}: mean IoU of matched pairs {np.mean(diag["iou"]):.3f}, predictions above 0.3 per GT '
               f'{np.mean(diag["above_0.3_per_gt"]):.2f}')
         ckpt = {'model': model.state_dict(), 'args': vars(args), 'class_names': class_names, 'epoch': epoch + 1}

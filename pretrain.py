@@ -241,12 +241,13 @@ def main(argv=None):
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss, stats = jepa_loss(fwd_model, fwd_target, x, ctx_idx.to(device), tgt_idx.to(device), weight,
                                             args.target, args.loss, args.patch_size)
-                if not torch.isfinite(loss):  # stop before anything is written over the last good checkpoint
-                    raise FloatingPointError(f'loss is {loss.item()} at step {step} (epoch {epoch + 1}, batch '
+                loss_value = loss.item()  # the one host sync of a micro-batch: check, sum and progress bar
+                if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
+                    raise FloatingPointError(f'loss is {loss_value} at step {step} (epoch {epoch + 1}, batch '
                                              f'{batch}); {last} holds the last good state. Lower --lr, or use '
                                              f'--amp bf16 instead of fp16.')
                 scaler.scale(loss / args.accum).backward()
-            loss_sum += loss.item()
+            loss_sum += loss_value
             if not sync:
                 continue
             lr = lr_at(step, total, warmup, args.lr, args.min_lr)
@@ -277,7 +278,7 @@ def main(argv=None):
                     if rec['target_std'] < args.collapse_std:  # (predictions start near-constant: not a signal)
                         tqdm.write(f'warning: step {step}: the target features vary by {rec["target_std"]:.4f} '
                                    f'(std across tokens): the representation may be collapsing')
-            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}', img_s=f'{seen / (time.time() - t0):.1f}')
+            bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{seen / (time.time() - t0):.1f}')
             if step % args.save_every == 0 or step == args.max_steps:
                 checkpoint(epoch, batch)
             if step == args.max_steps:
