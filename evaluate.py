@@ -241,7 +241,7 @@ def predict(model, loader, device, conf=0.001, max_det=1000):
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     for images, targets in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
-            out = model(to_input(images, device))
+            out = model(to_input(images, targets, device))
         yield images, targets, postprocess(out, max_det, conf, [t['size'] for t in targets])  # unpadded sizes
 
 
@@ -303,7 +303,7 @@ def get_parser():
     ap.add_argument('--out', default=None, help='folder for pictures and submission files (default: the checkpoint '
                                                 "folder; offline: don't write)")
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
-    ap.add_argument('--workers', type=int, default=2, help='data-loader processes (default: %(default)s)')
+    ap.add_argument('--workers', type=int, default=2, help='data-loader threads (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     return ap
 

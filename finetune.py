@@ -64,7 +64,7 @@ def get_parser():
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
     ap.add_argument('--amp', default='bf16', choices=['bf16', 'fp16', 'off'],
                     help='autocast on CUDA (fp16 adds loss scaling); the CPU runs float32 (default: %(default)s)')
-    ap.add_argument('--workers', type=int, default=4, help='data-loader processes (default: %(default)s)')
+    ap.add_argument('--workers', type=int, default=4, help='data-loader threads (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     ap.add_argument('--out', default='runs/finetune', help='output folder (default: %(default)s)')
     return ap
@@ -157,7 +157,7 @@ def main(argv=None):
             for g in opt.param_groups:
                 g['lr'] = lr * g['lr_scale']
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(to_input(images, device))
+                out = model(to_input(images, targets, device))
                 loss, parts = detection_loss(out, targets, matcher, cls_loss=args.cls_loss)
             loss_value = loss.item()  # one host sync per step: check and progress bar
             if not math.isfinite(loss_value):

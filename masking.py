@@ -144,10 +144,11 @@ def show(args):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from data import CLASSES, collate, DOTADataset, resolve_data
+    from data import CLASSES, collate, DOTADataset, orient, resolve_data
     torch.manual_seed(args.seed)
     ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True)
     images, targets = collate([ds[i] for i in range(min(args.n, len(ds)))], args.patch_size)
+    images = orient(images.permute(0, 3, 1, 2), targets).permute(0, 2, 3, 1)  # flipped as the boxes are
     B, H, W, _ = images.shape
     gh, gw, p, s = H // args.patch_size, W // args.patch_size, args.patch_size, args.scale
     rows = []

@@ -15,8 +15,8 @@ encoder by EMA, momentum rising linearly 0.996 -> 1.0. Masking strategies: maski
 Schedules (per optimizer step): lr linear warmup then cosine; weight decay cosine from --weight-decay (0.04) to
 --weight-decay-end (0.4), on weight matrices only (not biases, norms, tokens); gradient-norm clipping.
 Safety: OUT/last.pt is written atomically every --save-every steps and at each epoch end; --resume restores the
-models, optimizer, scaler, schedules, RNG states and the position in the epoch (exact with --workers 0; with
-worker processes the data order is exact but augmentations are drawn anew). A non-finite loss stops the run with
+models, optimizer, scaler, schedules, RNG states and the position in the epoch (exact, whatever --workers: each
+image's augmentation is seeded by (seed, epoch, index)). A non-finite loss stops the run with
 the step number before anything is written over the last good checkpoint. OUT/log.jsonl gets one line per
 --log-every steps: loss, lr, weight decay, momentum, and the std across tokens of the target features and of the
 predictions (they fall toward 0 when the representation collapses; a warning is printed when the targets' std
@@ -25,7 +25,6 @@ is below --collapse-std).
 import argparse
 import contextlib
 import copy
-import functools
 import json
 import math
 import os
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CLASSES, DOTADataset, collate, resolve_data, to_input
+from data import CLASSES, DOTADataset, Loader, resolve_data, to_input
 from masking import MODES, make_masks
 from model import PRESETS, Predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
@@ -81,7 +80,7 @@ def get_parser():
     a('--amp', default='bf16', choices=['bf16', 'fp16', 'off'], help='autocast on CUDA (fp16 adds loss scaling); '
                                                                      'the CPU runs float32 (default: %(default)s)')
     a('--compile', action='store_true', help='torch.compile the encoders and the predictor')
-    a('--workers', type=int, default=4, help='data-loader processes (default: %(default)s)')
+    a('--workers', type=int, default=4, help='data-loader threads (default: %(default)s)')
     a('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     a('--out', default='runs/pretrain', help='output folder for last.pt and log.jsonl (default: %(default)s)')
     a('--resume', default=None, help="a checkpoint to continue from ('auto': OUT/last.pt if it exists)")
@@ -143,9 +142,7 @@ def epoch_loader(ds, args, epoch, start_batch, rank=0, world=1):
     mine = [order[k * gb + rank * args.batch_size + j]
             for k in range(start_batch, steps) for j in range(args.batch_size)]
     keys = [(i, (args.seed * 1000003 + epoch) * 10000019 + i) for i in mine]
-    return torch.utils.data.DataLoader(ds, args.batch_size, sampler=keys, num_workers=args.workers,
-                                       pin_memory=torch.cuda.is_available(),
-                                       collate_fn=functools.partial(collate, multiple=args.patch_size))
+    return Loader(ds, args.batch_size, args.patch_size, args.workers, keys=keys)
 
 
 def save(path, state):
@@ -228,7 +225,7 @@ def main(argv=None):
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True, disable=not main0)
         t0, seen, loss_sum, batch = time.time(), 0, 0.0, first
         for images, targets in bar:
-            x = to_input(images, device)
+            x = to_input(images, targets, device)
             gh, gw = x.shape[-2] // args.patch_size, x.shape[-1] // args.patch_size
             B = len(images)
             ctx_idx, tgt_idx, tgt_obj = make_masks(args.mask, [t['boxes'] for t in targets], gh, gw, args.patch_size,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (CLASSES, DOTADataset, LabelError, Problems, collate, load_labels, parse_label_file,
-                  parse_tile_name, random_crop, random_dihedral, read_image, to_input)
+from data import (CLASSES, DOTADataset, LabelError, Loader, Problems, collate, load_labels, orient,
+                  parse_label_file, parse_tile_name, random_crop, random_dihedral, read_image, to_input)
 from prepare import make_synthetic
 
 V1 = CLASSES['dota1.0']
@@ -161,15 +161,58 @@ def box_of(img):
 
 
 def test_dihedral_moves_boxes_with_pixels():
-    img = torch.zeros(32, 32, 3, dtype=torch.uint8)
-    img[5:9, 20:30] = 255  # box x 20..30, y 5..9
+    """random_dihedral moves the boxes on the CPU, orient moves the pixels of the padded batch: they must agree, also
+    for an image smaller than its slot (mirrored within its own size) and a non-square one (never turned)."""
+    sizes, box = [(32, 32), (20, 20), (24, 32)], torch.tensor([[12.0, 5, 19, 9]])  # box x 12..19, y 5..9
     seen = set()
     for seed in range(60):
-        torch.manual_seed(seed)
-        out, boxes = random_dihedral(img, torch.tensor([[20.0, 5, 30, 9]]))
-        assert box_of(out) == boxes[0].tolist()
-        seen.add(tuple(boxes[0].tolist()))
-    assert len(seen) == 8  # all flips and rotations occur
+        g = torch.Generator().manual_seed(seed)
+        batch = []
+        for h, w in sizes:
+            img = torch.zeros(h, w, 3, dtype=torch.uint8)
+            img[5:9, 12:19] = 255
+            boxes, flips = random_dihedral(box, (h, w), g)
+            size = (w, h) if flips[0] else (h, w)
+            batch.append((img, {'boxes': boxes, 'flips': flips, 'size': size}))
+        images, targets = collate(batch, multiple=16)
+        out = orient(images.permute(0, 3, 1, 2), targets).permute(0, 2, 3, 1)
+        for b, t in zip(out, targets):
+            assert box_of(b) == t['boxes'][0].tolist()
+            assert b[t['size'][0]:].sum() == 0 and b[:, t['size'][1]:].sum() == 0  # still at the top left
+        assert not targets[2]['flips'][0]
+        seen.add(tuple(targets[0]['boxes'][0].tolist()))
+    assert len(seen) == 8  # all flips and turns occur
+
+
+def test_loader_targets_match_the_images_the_model_sees(tmp_path):
+    """DOTADataset (crop, flips drawn) -> Loader (2 threads) -> to_input (flips applied): in what the model gets,
+    the white rectangle of each image lies exactly in its box; and a seeded epoch is the same twice."""
+    (tmp_path / 'train' / 'images').mkdir(parents=True)
+    (tmp_path / 'train' / 'labelTxt').mkdir()
+    for k, (h, w, x1, y1, x2, y2) in enumerate([(48, 48, 10, 20, 30, 26), (40, 40, 3, 3, 9, 30), (48, 30, 5, 1, 8, 47)]):
+        a = np.zeros((h, w, 3), np.uint8)
+        a[y1:y2, x1:x2] = 255
+        Image.fromarray(a).save(tmp_path / 'train' / 'images' / f'I{k}.png')
+        (tmp_path / 'train' / 'labelTxt' / f'I{k}.txt').write_text(f'{x1} {y1} {x2} {y1} {x2} {y2} {x1} {y2} ship 0\n')
+    ds = DOTADataset(tmp_path, 'train', V1, img_size=32, train=True)
+    epochs = []
+    for epoch in range(12):
+        torch.manual_seed(epoch % 6)
+        seen = []
+        for images, targets in Loader(ds, 3, 16, workers=2, shuffle=True):
+            x = to_input(images, targets, torch.device('cpu'))
+            white = (x[:, 0] > 0).numpy()  # (B, H, W)
+            for b, t in enumerate(targets):
+                h, w = t['size']
+                assert not white[b, h:].any() and not white[b, :, w:].any()
+                if len(t['boxes']):
+                    ys, xs = np.nonzero(white[b])
+                    assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == t['boxes'][0].tolist()
+                else:
+                    assert not white[b].any()
+                seen.append((t['name'], t['boxes'].tolist(), t['flips'].tolist()))
+        epochs.append(seen)
+    assert epochs[:6] == epochs[6:] and len({str(e) for e in epochs[:6]}) > 1  # seeded, yet epochs differ
 
 
 def test_random_crop_keeps_scale_and_clips():
@@ -199,7 +242,7 @@ def test_collate_pads_to_a_multiple_of_the_patch():
 def test_to_input_normalizes_and_moves_channels():
     images = torch.zeros(2, 4, 6, 3, dtype=torch.uint8)
     images[..., 0] = 255
-    x = to_input(images, torch.device('cpu'))
+    x = to_input(images, [{}, {}], torch.device('cpu'))
     assert x.shape == (2, 3, 4, 6)
     torch.testing.assert_close(x[:, 0], torch.full((2, 4, 6), (1 - 0.485) / 0.229))
     torch.testing.assert_close(x[:, 1], torch.full((2, 4, 6), -0.456 / 0.224))

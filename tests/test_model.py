@@ -138,7 +138,7 @@ def test_detector_overfits_one_synthetic_image(tmp_path, cls_loss):
     assert len(t['boxes']) >= 3
     det = Detector(build_vit('test', 8), 15, head_dim=32)
     opt = torch.optim.AdamW(det.parameters(), lr=3e-3, weight_decay=0.0)
-    x = to_input(images, torch.device('cpu'))
+    x = to_input(images, [t], torch.device('cpu'))
     matcher = MinCostMatcher()
     for _ in range(300):
         loss, _ = detection_loss(det(x), [t], matcher, cls_loss=cls_loss)
