@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 
 from data import CLASSES, LabelError, make_loader, parse_label_file, parse_tile_name, resolve_data, to_input
 from metrics import SIZE_BINS, evaluate_coco, evaluate_dota
-from model import Detector, build_vit, postprocess
+from detector import Detector, postprocess
+from model import build_vit
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -264,7 +265,7 @@ def load_detector(path, device):
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     a = ckpt['args']
     model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'],
-                     a.get('stride', 8))
+                     a.get('stride', 8), a.get('dec_layers', 0), a.get('num_queries', 1000))
     model.load_state_dict(ckpt['model'])
     return model.to(device), ckpt
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from data import CLASSES, make_loader, resolve_data, to_input
 from evaluate import run_eval
-from model import PRESETS, Detector, MinCostMatcher, build_vit, detection_loss, lr_at, param_groups
+from detector import Detector, MinCostMatcher, detector_loss
+from model import PRESETS, build_vit, lr_at, param_groups
 
 
 def get_parser():
@@ -57,6 +58,10 @@ def get_parser():
     ap.add_argument('--stride', type=int, default=8, help='stride of the prediction map: the patch size divided by a '
                                                           'power of 2 (patch 16: 16 or 8; patch 8: 8 or 4) (default: '
                                                           '%(default)s)')
+    ap.add_argument('--dec-layers', type=int, default=2, help='decoder layers after the top-K query selection; 0 = '
+                                                              'the dense one-to-one head alone (default: %(default)s)')
+    ap.add_argument('--num-queries', type=int, default=0, help='K, the cells that become queries; 0 = max(1000, '
+                    '1.2 x the most objects in a training image) (default: %(default)s)')
     ap.add_argument('--eval-every', type=int, default=5, help='evaluate on val every N epochs and at the end '
                                                               '(default: %(default)s)')
     ap.add_argument('--conf', type=float, default=0.001, help='score floor at evaluation (default: %(default)s)')
@@ -92,7 +97,8 @@ def build(args):
         backbone.load_state_dict(state)  # strict: every key of the encoder must match
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
-    return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride)
+    return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
+                    args.num_queries)
 
 
 def layer_decay_parts(model, decay):
@@ -102,7 +108,7 @@ def layer_decay_parts(model, decay):
     L = len(b.blocks)
     parts = [(b.patch_embed, decay ** (L + 1)), (b.norm, 1.0)]
     parts += [(blk, decay ** (L - i)) for i, blk in enumerate(b.blocks)]
-    return parts + [(model.neck, 1.0), (model.cls, 1.0), (model.box, 1.0)]
+    return parts + [(m, 1.0) for name, m in model.named_children() if name != 'backbone']
 
 
 def shared_centre_share(ds, stride):
@@ -133,6 +139,8 @@ def main(argv=None):
     train_loader = make_loader(root, 'train', class_names, args.img_size, args.batch_size, True, args.workers,
                                args.patch_size)
     val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size)
+    most = max((len(t['boxes']) for t in train_loader.dataset.targets), default=0)
+    args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))  # no weights depend on K
 
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)  # param_groups skips frozen parameters
@@ -140,7 +148,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     matcher = MinCostMatcher(method=args.matcher)
     print(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
-          f'stride {model.stride}, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images')
+          f'stride {model.stride}, {args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
+          f'a training image: {most}), {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images')
     for s in sorted({16, model.stride}, reverse=True):  # how often the one-cell-one-object assumption breaks
         print(f'GT whose centre cell at stride {s} holds another GT centre: '
               f'{shared_centre_share(train_loader.dataset, s):.1%}')
@@ -158,7 +167,7 @@ def main(argv=None):
                 g['lr'] = lr * g['lr_scale']
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = model(to_input(images, targets, device))
-                loss, parts = detection_loss(out, targets, matcher, cls_loss=args.cls_loss)
+                loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss)
             loss_value = loss.item()  # one host sync per step: check and progress bar
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f'loss is {loss_value} at step {step}; lower --lr or use --amp bf16')

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from finetune import layer_decay_parts, shared_centre_share
-from model import Detector, MinCostMatcher, assign_min_cost, build_vit, param_groups
+from detector import Detector, MinCostMatcher, assign_min_cost
+from model import build_vit, param_groups
 
 
 def test_layer_decay_covers_every_parameter_once_with_decaying_scales():
@@ -42,7 +43,7 @@ def test_hungarian_is_never_worse_than_the_greedy_rule():
     det = Detector(build_vit('test', 8), 2)
     out = det(torch.zeros(1, 3, 32, 32))
     gt = torch.tensor([[9.0, 9, 12, 12], [12.5, 9, 15.5, 12]])
-    pi, gi = MinCostMatcher(method='hungarian')(out['logits'][0], out['boxes'][0], out['centres'], gt,
+    pi, gi = MinCostMatcher(method='hungarian')(out['logits'][0], out['boxes'][0], out['centres'][0], gt,
                                                 torch.tensor([0, 1]), 8)
     assert len(set(pi.tolist())) == 2 and sorted(gi.tolist()) == [0, 1]
 

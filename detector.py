@@ -1,0 +1,302 @@
+"""The DETR-style detector on a ViT backbone, its one-to-one matcher, losses and post-processing.
+
+    ViT tokens (stride = patch size) -> neck (ViTDet-style upsampling) -> a map at `stride` (8 by default)
+    -> encoder stage: at every cell, class scores and a box (dense; trained one-to-one on its own)
+    -> the top-K cells by score become queries (RT-DETR / DINO two-stage query selection)
+    -> `dec_layers` decoder layers (self-attention among queries, cross-attention to the map, FFN), each refining
+       the boxes of the layer before and predicting class scores; the last layer is the output.
+With dec_layers = 0 the dense encoder stage is the output (the fallback and an ablation). No NMS inside a tile:
+one-to-one matching teaches the model not to predict an object twice.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def giou(a, b):
+    """Generalized IoU of boxes a (..., 4) and b (..., 4), xyxy, broadcasting. -> (giou, iou), each (...)."""
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-9)
+    hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull.clamp(min=1e-9), iou
+
+
+def sincos(v, dim):
+    """Sinusoidal features of coordinates v (..., n) -> (..., n * dim / n), dim / (2n) frequencies per coordinate."""
+    k = dim // (2 * v.shape[-1])
+    omega = 1.0 / 100 ** (torch.arange(k, device=v.device, dtype=torch.float32) / k)  # (k,) periods 1..100 cells
+    a = v.float()[..., None] * omega  # (..., n, k)
+    return torch.cat([a.sin(), a.cos()], -1).flatten(-2)
+
+
+class MultiheadAttention(nn.Module):
+    """Attention of queries (B, Nq, D) over keys (B, Nk, D) and values (B, Nk, D) via SDPA."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, q, k, v):
+        B, Nq, D = q.shape
+        split = lambda x: x.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731 (B, h, N, d)
+        x = F.scaled_dot_product_attention(split(self.q(q)), split(self.k(k)), split(self.v(v)))  # (B, h, Nq, d)
+        return self.proj(x.transpose(1, 2).reshape(B, Nq, D))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: self-attention among the queries, cross-attention to the feature map, FFN. Positions enter the
+    queries and keys only (DETR's rule), as sinusoids of the reference boxes and of the cell centres."""
+
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+        self.self_attn, self.cross_attn = MultiheadAttention(dim, heads), MultiheadAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+
+    def forward(self, q, q_pos, mem, mem_pos):  # q (B, K, D), q_pos (B, K, D), mem (B, M, D), mem_pos (M, D)
+        h = self.norm1(q)
+        q = q + self.self_attn(h + q_pos, h + q_pos, h)
+        q = q + self.cross_attn(self.norm2(q) + q_pos, mem + mem_pos, mem)
+        return q + self.mlp(self.norm3(q))
+
+
+class Detector(nn.Module):
+    """ViT backbone -> `stride` map -> dense encoder stage -> top-K queries -> `dec_layers` decoder layers.
+
+    Boxes of the encoder stage are decoded from the cell centre c and outputs (dx, dy, dw, dh) as centre
+    c + (dx, dy) * stride and size exp(dw, dh) * stride: a cell may claim an object whose centre lies in a
+    neighbouring cell (several small objects sharing a cell), and a 6 px car whose box holds no cell centre is still
+    a valid target (distances to the four sides would have to go negative). Each decoder layer refines its
+    reference box b = (cx, cy, w, h) by (cx, cy) += (dx, dy) * (w, h), (w, h) *= exp(dw, dh); the reference passed
+    to the next layer is detached (Deformable DETR's iterative refinement).
+    """
+
+    def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4):
+        super().__init__()
+        self.backbone, self.num_classes, self.num_queries = backbone, num_classes, num_queries
+        p, c, layers = backbone.patch_size, backbone.dim, []
+        if stride > p or p % stride or (p // stride) & (p // stride - 1):
+            raise ValueError(f'stride {stride} must be the patch size {p} divided by a power of 2')
+        while p > stride:  # ViTDet's simple pyramid, one level: transposed conv, norm, GELU per factor 2
+            layers += [nn.ConvTranspose2d(c, c, 2, 2), nn.GroupNorm(8, c), nn.GELU()]
+            p //= 2
+        self.stride = p
+        self.neck = nn.Sequential(*layers, nn.Conv2d(c, head_dim, 1), nn.GroupNorm(8, head_dim), nn.GELU(),
+                                  nn.Conv2d(head_dim, head_dim, 3, padding=1), nn.GroupNorm(8, head_dim), nn.GELU())
+        self.cls = nn.Conv2d(head_dim, num_classes, 3, padding=1)
+        self.box = nn.Conv2d(head_dim, 4, 3, padding=1)
+        self.query = nn.Sequential(nn.Linear(head_dim, head_dim), nn.LayerNorm(head_dim))  # cell feature -> query
+        self.size_pos = nn.Linear(head_dim // 2, head_dim // 2)  # sinusoids of log (w, h) -> half of a query position
+        self.layers = nn.ModuleList(DecoderLayer(head_dim, heads) for _ in range(dec_layers))
+        self.dec_cls = nn.ModuleList(nn.Linear(head_dim, num_classes) for _ in range(dec_layers))
+        self.dec_box = nn.ModuleList(nn.Sequential(nn.Linear(head_dim, head_dim), nn.GELU(), nn.Linear(head_dim, 4))
+                                     for _ in range(dec_layers))
+        prior = -math.log(99)  # probability 0.01 at the start: the focal loss starts stable
+        for m in [self.cls, *self.dec_cls]:
+            nn.init.constant_(m.bias, prior)
+        for m in [self.box, *(b[-1] for b in self.dec_box)]:  # start from the cell / reference box
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        """x (B, 3, H, W) normalized -> dict: logits (B, K, C), boxes (B, K, 4) xyxy px, centres (B, K, 2) (the cell
+        each prediction started from), stride; with decoder layers also 'aux' (the earlier layers' outputs) and
+        'dense' (the encoder stage, all M cells). Without, K = M and the encoder stage is the output."""
+        B, _, H, W = x.shape
+        p = self.backbone.patch_size
+        f = self.backbone(x).transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, H/p, W/p)
+        f = self.neck(f)  # (B, Dh, h, w), h = H / stride
+        h, w = f.shape[-2:]
+        logits = self.cls(f).flatten(2).transpose(1, 2)  # (B, M, C), M = h * w
+        d = self.box(f).flatten(2).transpose(1, 2).float()  # (B, M, 4)
+        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing='ij')
+        centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * self.stride  # (M, 2)
+        cxcy = centres + d[..., :2] * self.stride
+        wh = d[..., 2:].clamp(-4, 7).exp() * self.stride
+        dense = {'logits': logits, 'boxes': torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1),
+                 'centres': centres.expand(B, -1, -1), 'stride': self.stride}
+        if not self.layers:
+            return dense
+        # query selection: the K cells whose best class score is highest; their features and boxes start the decoder
+        mem = f.flatten(2).transpose(1, 2)  # (B, M, Dh)
+        K = min(self.num_queries, mem.shape[1])
+        idx = logits.detach().amax(-1).topk(K, dim=1).indices  # (B, K)
+        take = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731 (B, M, n) -> (B, K, n)
+        q = self.query(take(mem))  # (B, K, Dh)
+        ref = torch.cat([take(cxcy), take(wh)], -1).detach()  # (B, K, 4) cx, cy, w, h in px
+        grid = torch.stack([xs, ys], -1).reshape(-1, 2)  # (M, 2) cell coordinates, the units of q_pos below
+        mem_pos = torch.cat([sincos(grid, mem.shape[-1] // 2), torch.zeros_like(mem[0, :, mem.shape[-1] // 2:])], -1)
+        outs = []
+        for layer, cls_head, box_head in zip(self.layers, self.dec_cls, self.dec_box):
+            q_pos = torch.cat([sincos(ref[..., :2] / self.stride - 0.5, q.shape[-1] // 2),  # the grid's units
+                               self.size_pos(sincos(torch.log(ref[..., 2:] / self.stride), q.shape[-1] // 2))], -1)
+            q = layer(q, q_pos.to(q.dtype), mem, mem_pos)
+            dd = box_head(q).float()  # (B, K, 4)
+            c2 = ref[..., :2] + dd[..., :2] * ref[..., 2:]
+            s2 = ref[..., 2:] * dd[..., 2:].clamp(-4, 4).exp()
+            outs.append({'logits': cls_head(q), 'boxes': torch.cat([c2 - s2 / 2, c2 + s2 / 2], -1),
+                         'centres': take(dense['centres']), 'stride': self.stride})
+            ref = torch.cat([c2, s2], -1).detach()
+        return {**outs[-1], 'aux': outs[:-1], 'dense': dense}
+
+
+def focal_terms(logits, alpha=0.25, gamma=2.0):
+    """Focal-loss cost of calling each logit positive and negative (sigmoid focal loss, RetinaNet)."""
+    p = logits.sigmoid()
+    pos = alpha * (1 - p) ** gamma * F.softplus(-logits)  # -log p = softplus(-x)
+    neg = (1 - alpha) * p ** gamma * F.softplus(logits)  # -log(1 - p) = softplus(x)
+    return pos, neg
+
+
+class MinCostMatcher:
+    """One-to-one assignment of the G ground-truth boxes of an image to its M >= G predictions.
+
+    cost[m, g] = w_cls * (pos_m,c - neg_m,c) + w_l1 * |box_m - gt_g|_1 / stride - w_giou * GIoU(box_m, gt_g)
+                 + 1e4 * [centre of cell m is outside the centre region of gt g]
+    with c the class of gt g and pos/neg the focal costs of calling logit (m, c) positive/negative (Deformable
+    DETR's class cost). The centre region of a box (cx, cy, w, h) is |x - cx| <= max(w/2, 1.5 stride) and the same
+    in y: a spatial prior that makes the assignment stable early in training and gives 6 px objects a few cells.
+    The rule (a min-cost greedy, not the Hungarian optimum): in rounds, every unmatched GT proposes its cheapest
+    free prediction; a prediction proposed by several GT takes the one with the lowest cost (ties: lower GT index)
+    and leaves the game. Each round matches at least one GT, usually almost all; torch ops only, no loop over boxes.
+    """
+
+    def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, method='greedy'):
+        """method: 'greedy' (the rule above) or 'hungarian' (scipy's linear_sum_assignment on the same cost, for
+        comparison; scipy is not a run-time requirement)."""
+        self.w_cls, self.w_l1, self.w_giou, self.radius, self.method = w_cls, w_l1, w_giou, radius, method
+        if method == 'hungarian':
+            from scipy.optimize import linear_sum_assignment  # noqa: F401  fail now, not mid-training
+
+    @torch.no_grad()
+    def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride):
+        """logits (M, C), boxes (M, 4), centres (M, 2) cell centres, gt_boxes (G, 4), gt_labels (G,)
+        -> (pred idx (G,), gt idx (G,)), both long."""
+        pos, neg = focal_terms(logits.float()[:, gt_labels])  # (M, G)
+        g, _ = giou(boxes[:, None], gt_boxes[None])  # (M, G)
+        l1 = (boxes[:, None] - gt_boxes[None]).abs().sum(-1) / stride  # (M, G)
+        gc, gwh = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2, gt_boxes[:, 2:] - gt_boxes[:, :2]  # (G, 2) each
+        reach = gwh.div(2).clamp(min=self.radius * stride)  # (G, 2)
+        outside = ((centres[:, None] - gc[None]).abs() > reach[None]).any(-1)  # (M, G)
+        cost = self.w_cls * (pos - neg) + self.w_l1 * l1 - self.w_giou * g + 1e4 * outside
+        if self.method == 'hungarian':
+            from scipy.optimize import linear_sum_assignment
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
+        return assign_min_cost(cost)
+
+
+def assign_min_cost(cost):
+    """cost (M, G) -> (rows (K,), cols (K,)) one-to-one, K = min(M, G), by the rounds rule of MinCostMatcher."""
+    M, G = cost.shape
+    cost = cost.clone()
+    match = torch.full((G,), -1, dtype=torch.long, device=cost.device)  # GT g -> prediction
+    ar = torch.arange(G, device=cost.device)
+    for _ in range(min(M, G)):  # a bound, never reached: each round matches at least one GT
+        todo = (match < 0).nonzero().squeeze(1)  # (T,) unmatched GT
+        if len(todo) == 0 or len(todo) <= G - M:
+            break
+        c = cost[:, todo]  # (M, T)
+        best = c.argmin(0)  # (T,) each GT's cheapest free prediction
+        order = c[best, ar[:len(todo)]].argsort(stable=True)  # proposals, cheapest first (ties: lower GT index)
+        pred = best[order]
+        first = torch.full((M,), len(todo), device=cost.device).scatter_reduce(
+            0, pred, ar[:len(todo)], 'amin')  # (M,) position of each prediction's cheapest proposal
+        win = first[pred] == ar[:len(todo)]  # (T,) in `order` order
+        match[todo[order[win]]] = pred[win]
+        cost[pred[win]] = float('inf')  # taken predictions leave the game
+    gt = (match >= 0).nonzero().squeeze(1)
+    return match[gt], gt
+
+
+def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal',
+                   matches=None):
+    """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
+    list of B target dicts (boxes, labels on any device).
+
+    Each GT is matched to one prediction (or `matches` are reused: a list of B (pred idx, gt idx) pairs); the
+    matched prediction is a positive for its class, all other (prediction, class) pairs are negatives. Sigmoid focal
+    loss over all of them (or, cls_loss='varifocal', VarifocalNet's IoU-aware loss: a positive's target is the IoU
+    of its box with its GT, weighted by that IoU; negatives as focal with alpha 0.75), plus L1 (in stride units, so
+    a 10 px box still gets gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in
+    the batch. -> (total loss, dict of detached numbers for logging: the terms, the mean IoU of the matched pairs,
+    and the number of (prediction, class) scores above 0.3 per GT: about 1 when the one-to-one matching has taught
+    the head not to duplicate), matches)."""
+    logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
+    is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
+    quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
+    src, tgt, found = [], [], []
+    for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes
+        gt_boxes, gt_labels = t['boxes'].to(boxes.device).float(), t['labels'].to(boxes.device)
+        if matches is not None:
+            pi, gi = matches[b]
+        elif len(gt_boxes):
+            pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres[b], gt_boxes, gt_labels, stride)
+        else:
+            pi = gi = torch.zeros(0, dtype=torch.long, device=boxes.device)
+        found.append((pi, gi))
+        is_pos[b, pi, gt_labels[gi]] = True
+        quality[b, pi, gt_labels[gi]] = giou(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
+        src.append(boxes[b, pi])
+        tgt.append(gt_boxes[gi])
+    n = max(sum(len(t['boxes']) for t in targets), 1)
+    if cls_loss == 'varifocal':
+        x = logits.float()
+        pos = quality * F.binary_cross_entropy_with_logits(x, quality, reduction='none')
+        neg = 0.75 * x.sigmoid() ** gamma * F.softplus(x)  # -log(1 - p) = softplus(x)
+    else:
+        pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, K, C) each
+    loss_cls = torch.where(is_pos, pos, neg).sum() / n
+    src, tgt = torch.cat(src).float(), torch.cat(tgt)
+    loss_l1 = (src - tgt).abs().sum() / stride / n  # 0 (with a gradient path) when there is no GT
+    g, iou = giou(src, tgt)
+    loss_giou = (1 - g).sum() / n
+    total = w_cls * loss_cls + w_l1 * loss_l1 + w_giou * loss_giou
+    parts = {'cls': loss_cls.detach(), 'l1': loss_l1.detach(), 'giou': loss_giou.detach(),
+             'iou': iou.detach().mean() if iou.numel() else torch.zeros(()),
+             'above_0.3_per_gt': (logits.detach().float() > math.log(0.3 / 0.7)).sum() / n}  # sigmoid > 0.3
+    return total, parts, found
+
+
+def detector_loss(out, targets, matcher, **kw):
+    """The loss of every stage of a Detector output: the last decoder layer (matched once), the earlier layers
+    (auxiliary losses, reusing those matches: the queries are the same K cells in every layer) and the dense
+    encoder stage (matched on its own, over all cells; it teaches the query selection which cells hold objects).
+    -> (total, dict of floats for logging: the last layer's terms and diagnostics, and the encoder stage's loss)."""
+    total, parts, matches = detection_loss(out, targets, matcher, **kw)
+    for aux in out.get('aux', []):
+        total = total + detection_loss(aux, targets, matcher, matches=matches, **kw)[0]
+    if 'dense' in out:
+        dense = detection_loss(out['dense'], targets, matcher, **kw)[0]
+        total, parts['enc'] = total + dense, dense.detach()
+    values = torch.stack(list(parts.values())).tolist()  # one host sync for all the numbers
+    return total, dict(zip(parts, values))
+
+
+@torch.no_grad()
+def postprocess(out, max_det=1000, conf=0.001, sizes=None):
+    """Top-`max_det` (cell, class) pairs per image with score > conf, no NMS (the one-to-one matching teaches
+    the model not to duplicate). sizes: optional list of (H, W) to clip boxes to.
+    -> list of B dicts: boxes (K, 4), scores (K,), labels (K,) on the CPU."""
+    logits, boxes = out['logits'], out['boxes']
+    B, M, C = logits.shape
+    scores, idx = logits.float().sigmoid().flatten(1).topk(min(max_det, M * C), dim=1)  # (B, K)
+    results = []
+    for b in range(B):
+        keep = scores[b] > conf
+        s, i = scores[b][keep], idx[b][keep]
+        bx = boxes[b, i // C].float()
+        if sizes is not None:
+            h, w = sizes[b]
+            bx = torch.minimum(bx.clamp(min=0), torch.tensor([w, h, w, h], dtype=bx.dtype, device=bx.device))
+        results.append({'boxes': bx.cpu(), 'scores': s.cpu(), 'labels': (i % C).cpu()})
+    return results
+
+

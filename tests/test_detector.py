@@ -1,0 +1,119 @@
+"""The detector: matcher invariants, query selection and decoder, losses on 0 and 1,000 GT, overfitting."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from data import CLASSES, DOTADataset, collate, to_input
+from detector import Detector, MinCostMatcher, assign_min_cost, detection_loss, detector_loss, giou, postprocess
+from metrics import evaluate_coco
+from model import build_vit
+from prepare import make_synthetic
+
+
+def test_assignment_is_one_to_one_and_takes_mutual_minima():
+    torch.manual_seed(0)
+    cost = torch.rand(40, 25)
+    rows, cols = assign_min_cost(cost)
+    assert sorted(cols.tolist()) == list(range(25)) and len(set(rows.tolist())) == 25
+    flat = cost.argmin()
+    r, c = divmod(flat.item(), 25)
+    assert rows[cols == c].item() == r  # the globally cheapest pair is always matched
+    # fewer predictions than GT: every prediction used once, the surplus GT unmatched
+    rows, cols = assign_min_cost(torch.rand(3, 5))
+    assert len(rows) == 3 and len(set(rows.tolist())) == 3 and len(set(cols.tolist())) == 3
+
+
+def test_assignment_is_optimal_on_small_cases_where_greedy_is():
+    # when every GT has a distinct cheapest prediction, the rule returns exactly those (the optimum)
+    cost = torch.tensor([[0.1, 5, 5], [5, 0.2, 5], [5, 5, 0.3], [1, 1, 1]])
+    rows, cols = assign_min_cost(cost)
+    assert dict(zip(cols.tolist(), rows.tolist())) == {0: 0, 1: 1, 2: 2}
+    brute = min(itertools.permutations(range(4), 3), key=lambda p: sum(cost[p[g], g] for g in range(3)))
+    assert list(brute) == [0, 1, 2]
+
+
+def test_matcher_gives_neighbouring_cells_to_objects_sharing_a_cell():
+    det = Detector(build_vit('test', 8), 2, dec_layers=0)
+    out = det(torch.zeros(1, 3, 32, 32))
+    gt = torch.tensor([[9.0, 9, 12, 12], [12.5, 9, 15.5, 12]])  # two 3 px objects in cell (1, 1)
+    pi, gi = MinCostMatcher()(out['logits'][0], out['boxes'][0], out['centres'][0], gt, torch.tensor([0, 1]), 8)
+    assert len(set(pi.tolist())) == 2 and sorted(gi.tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize('cls_loss,dec_layers', [('focal', 0), ('varifocal', 0), ('varifocal', 2)])
+def test_detector_overfits_one_synthetic_image(tmp_path, cls_loss, dec_layers):
+    torch.manual_seed(0)
+    make_synthetic(tmp_path, n_train=1, n_val=0, size=64, seed=5)
+    images, (t,) = collate([DOTADataset(tmp_path, 'train', CLASSES['dota1.0'])[0]], multiple=8)
+    assert len(t['boxes']) >= 3
+    det = Detector(build_vit('test', 8), 15, head_dim=32, dec_layers=dec_layers)
+    opt = torch.optim.AdamW(det.parameters(), lr=3e-3, weight_decay=0.0)
+    x = to_input(images, [t], torch.device('cpu'))
+    matcher = MinCostMatcher()
+    for _ in range(300):
+        loss, _ = detector_loss(det(x), [t], matcher, cls_loss=cls_loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    det.eval()
+    with torch.no_grad():
+        preds = postprocess(det(x), max_det=100, sizes=[(64, 64)])
+    res = evaluate_coco(preds, [t], 15)
+    assert np.nanmean(res['ap'][:, 0]) >= 0.9, res['ap'][:, 0]
+
+
+def test_prediction_map_stride():
+    x = torch.zeros(2, 3, 64, 96)
+    assert Detector(build_vit('test', 16), 3, 32, stride=16, dec_layers=0)(x)['logits'].shape == (2, 4 * 6, 3)
+    assert Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=0)(x)['logits'].shape == (2, 8 * 12, 3)
+    out = Detector(build_vit('test', 8), 3, 32, stride=4, dec_layers=0)(x)
+    assert out['logits'].shape == (2, 16 * 24, 3) and out['stride'] == 4
+    torch.testing.assert_close(out['centres'][0, :2], torch.tensor([[2.0, 2.0], [6.0, 2.0]]))
+    for bad in (32, 12):
+        with pytest.raises(ValueError, match='power of 2'):
+            Detector(build_vit('test', 16), 3, 32, stride=bad)
+
+
+def test_varifocal_loss_matches_its_formula():
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 8), 2, 32, dec_layers=0)
+    out = det(torch.randn(1, 3, 16, 16))  # 4 cells
+    gt = {'boxes': torch.tensor([[2.0, 2, 7, 7]]), 'labels': torch.tensor([1])}
+    pi, gi = MinCostMatcher()(out['logits'][0], out['boxes'][0], out['centres'][0], gt['boxes'], gt['labels'], 8)
+    q = giou(out['boxes'][0, pi].detach(), gt['boxes'][gi])[1].item()
+    p = out['logits'][0].detach().sigmoid()
+    want = -0.75 * p ** 2 * torch.log(1 - p)  # every (cell, class) a negative ...
+    pp = p[pi.item(), 1]
+    want[pi.item(), 1] = -q * (q * torch.log(pp) + (1 - q) * torch.log(1 - pp))  # ... but the positive
+    _, parts, _ = detection_loss(out, [gt], MinCostMatcher(), cls_loss='varifocal')
+    assert parts['cls'] == pytest.approx(want.sum().item(), rel=1e-5)
+
+
+def test_query_selection_and_decoder_output_count():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 96)  # stride 8: 8 x 12 = 96 cells
+    out = Detector(build_vit('test', 8), 3, 32, dec_layers=3, num_queries=40)(x)
+    assert out['logits'].shape == (2, 40, 3) and out['boxes'].shape == (2, 40, 4) and out['centres'].shape == (2, 40, 2)
+    assert len(out['aux']) == 2 and all(a['logits'].shape == (2, 40, 3) for a in out['aux'])
+    assert out['dense']['logits'].shape == (2, 96, 3)
+    # the queries are the 40 cells with the highest encoder-stage score, and start from their boxes
+    best = out['dense']['logits'].amax(-1).topk(40, dim=1).indices
+    torch.testing.assert_close(out['centres'], out['dense']['centres'].gather(1, best[..., None].expand(-1, -1, 2)))
+    assert Detector(build_vit('test', 8), 3, 32, num_queries=1000)(x)['logits'].shape == (2, 96, 3)  # K <= cells
+
+
+@pytest.mark.parametrize('n_gt', [0, 1, 1000])
+def test_losses_are_finite_and_every_gt_is_matched(n_gt):
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 8), 15, 32, stride=4, num_queries=1200)  # 256^2: 4096 cells, 1200 queries
+    xy = torch.rand(n_gt, 2) * 240
+    t = {'boxes': torch.cat([xy, xy + 4 + torch.rand(n_gt, 2) * 12], 1), 'labels': torch.randint(0, 15, (n_gt,))}
+    out = det(torch.randn(1, 3, 256, 256))
+    loss, parts = detector_loss(out, [t], MinCostMatcher(), cls_loss='varifocal')
+    loss.backward()
+    assert torch.isfinite(loss) and all(np.isfinite(v) for v in parts.values())
+    assert all(torch.isfinite(p.grad).all() for p in det.parameters() if p.grad is not None)
+    _, _, [(pi, gi)] = detection_loss(out, [t], MinCostMatcher())
+    assert sorted(gi.tolist()) == list(range(n_gt)) and len(set(pi.tolist())) == n_gt  # one-to-one, all GT
