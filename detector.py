@@ -179,18 +179,23 @@ class MinCostMatcher:
     def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride):
         """logits (M, C), boxes (M, 4), centres (M, 2) cell centres, gt_boxes (G, 4), gt_labels (G,)
         -> (pred idx (G,), gt idx (G,)), both long."""
+        cost = self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride)
+        if self.method == 'hungarian':
+            from scipy.optimize import linear_sum_assignment
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
+        return assign_min_cost(cost)
+
+    @torch.no_grad()
+    def cost(self, logits, boxes, centres, gt_boxes, gt_labels, stride):
+        """The cost matrix (M, G) of the docstring above."""
         pos, neg = focal_terms(logits.float()[:, gt_labels])  # (M, G)
         g, _ = giou(boxes[:, None], gt_boxes[None])  # (M, G)
         l1 = (boxes[:, None] - gt_boxes[None]).abs().sum(-1) / stride  # (M, G)
         gc, gwh = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2, gt_boxes[:, 2:] - gt_boxes[:, :2]  # (G, 2) each
         reach = gwh.div(2).clamp(min=self.radius * stride)  # (G, 2)
         outside = ((centres[:, None] - gc[None]).abs() > reach[None]).any(-1)  # (M, G)
-        cost = self.w_cls * (pos - neg) + self.w_l1 * l1 - self.w_giou * g + 1e4 * outside
-        if self.method == 'hungarian':
-            from scipy.optimize import linear_sum_assignment
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
-        return assign_min_cost(cost)
+        return self.w_cls * (pos - neg) + self.w_l1 * l1 - self.w_giou * g + 1e4 * outside
 
 
 def assign_min_cost(cost):
@@ -217,7 +222,7 @@ def assign_min_cost(cost):
 
 
 def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal',
-                   matches=None):
+                   matches=None, num_gt=None):
     """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
     list of B target dicts (boxes, labels on any device).
 
@@ -226,7 +231,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     loss over all of them (or, cls_loss='varifocal', VarifocalNet's IoU-aware loss: a positive's target is the IoU
     of its box with its GT, weighted by that IoU; negatives as focal with alpha 0.75), plus L1 (in stride units, so
     a 10 px box still gets gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in
-    the batch. -> (total loss, dict of detached numbers for logging: the terms, the mean IoU of the matched pairs,
+    the batch (or by num_gt: under DDP, the mean over ranks). -> (total loss, dict of detached numbers for logging: the terms, the mean IoU of the matched pairs,
     and the number of (prediction, class) scores above 0.3 per GT: about 1 when the one-to-one matching has taught
     the head not to duplicate), matches)."""
     logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
@@ -246,7 +251,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
         quality[b, pi, gt_labels[gi]] = giou(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
-    n = max(sum(len(t['boxes']) for t in targets), 1)
+    n = max(sum(len(t['boxes']) for t in targets), 1) if num_gt is None else num_gt.clamp(min=1)  # a tensor
     if cls_loss == 'varifocal':
         x = logits.float()
         pos = quality * F.binary_cross_entropy_with_logits(x, quality, reduction='none')

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import CLASSES, make_loader, resolve_data, to_input
@@ -127,17 +129,25 @@ def shared_centre_share(ds, stride):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
-    model = build(args)
+    ddp = 'RANK' in os.environ  # started by torchrun: one process per GPU
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
+    if ddp:
+        dist.init_process_group('nccl' if cuda else 'gloo')
+        if cuda:
+            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(device)
+    main0 = rank == 0  # prints, evaluates and checkpoints
+    torch.manual_seed(args.seed)  # the same initial weights and the same data order on every rank
+    model = build(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[args.amp] if cuda else None
     model.to(device)
     class_names = CLASSES[args.classes]
     root = resolve_data(args.data)
     train_loader = make_loader(root, 'train', class_names, args.img_size, args.batch_size, True, args.workers,
-                               args.patch_size)
+                               args.patch_size, rank, world)
     val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size)
     most = max((len(t['boxes']) for t in train_loader.dataset.targets), default=0)
     args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))  # no weights depend on K
@@ -147,27 +157,34 @@ def main(argv=None):
     opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay), args.weight_decay), lr=args.lr)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     matcher = MinCostMatcher(method=args.matcher)
-    print(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
-          f'stride {model.stride}, {args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
-          f'a training image: {most}), {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images')
+    fwd = DDP(model, device_ids=[device] if cuda else None) if ddp else model
+    say = print if main0 else (lambda *a, **k: None)
+    say(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
+        f'stride {model.stride}, {args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
+        f'a training image: {most}), {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, '
+        f'{world} process(es)')
     for s in sorted({16, model.stride}, reverse=True):  # how often the one-cell-one-object assumption breaks
-        print(f'GT whose centre cell at stride {s} holds another GT centre: '
-              f'{shared_centre_share(train_loader.dataset, s):.1%}')
+        say(f'GT whose centre cell at stride {s} holds another GT centre: '
+            f'{shared_centre_share(train_loader.dataset, s):.1%}')
 
     total, warmup = args.epochs * len(train_loader), int(args.warmup_epochs * len(train_loader))
     os.makedirs(args.out, exist_ok=True)
     best, step, t_start = -1.0, 0, time.time()
     for epoch in range(args.epochs):
         model.train()
-        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True)
+        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True, disable=not main0)
         diag = {'iou': [], 'above_0.3_per_gt': []}
         for images, targets in bar:
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
                 g['lr'] = lr * g['lr_scale']
+            n_gt = torch.tensor(float(sum(len(t['boxes']) for t in targets)), device=device)
+            if ddp:  # DDP averages gradients over ranks: divide by the mean GT count, so the sum is over all GT
+                dist.all_reduce(n_gt)
+                n_gt /= world
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(to_input(images, targets, device))
-                loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss)
+                out = fwd(to_input(images, targets, device))
+                loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss, num_gt=n_gt)
             loss_value = loss.item()  # one host sync per step: check and progress bar
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f'loss is {loss_value} at step {step}; lower --lr or use --amp bf16')
@@ -182,8 +199,10 @@ def main(argv=None):
             for k in diag:
                 diag[k].append(parts.pop(k))
             bar.set_postfix(loss=f'{loss_value:.3f}', **{k: f'{v:.3f}' for k, v in parts.items()})
-        print(f'epoch {epoch + 1}: mean IoU of matched pairs {np.mean(diag["iou"]):.3f}, predictions above 0.3 per GT '
-              f'{np.mean(diag["above_0.3_per_gt"]):.2f}')
+        say(f'epoch {epoch + 1}: mean IoU of matched pairs {np.mean(diag["iou"]):.3f}, predictions above 0.3 per GT '
+            f'{np.mean(diag["above_0.3_per_gt"]):.2f} (rank 0)')
+        if not main0:
+            continue
         ckpt = {'model': model.state_dict(), 'args': vars(args), 'class_names': class_names, 'epoch': epoch + 1}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             res, table = run_eval(model, val_loader, class_names, device, args.conf, args.max_det, args.out)
@@ -195,7 +214,9 @@ def main(argv=None):
                 best = map50
                 torch.save(ckpt, os.path.join(args.out, 'best.pt'))
         torch.save(ckpt, os.path.join(args.out, 'last.pt'))
-    print(f'best val mAP50 {best:.3f}; saved {args.out}/best.pt and {args.out}/last.pt')
+    say(f'best val mAP50 {best:.3f}; saved {args.out}/best.pt and {args.out}/last.pt')
+    if ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

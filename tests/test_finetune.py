@@ -1,11 +1,18 @@
-"""The fine-tuning recipe: layer-wise lr decay, frozen backbone, matcher choice, dataset diagnostics."""
+"""The fine-tuning recipe: layer-wise lr decay, frozen backbone, matcher choice, dataset diagnostics, DDP."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from finetune import layer_decay_parts, shared_centre_share
+from conftest import ROOT
+from data import CLASSES, DOTADataset, Loader
 from detector import Detector, MinCostMatcher, assign_min_cost
+from finetune import layer_decay_parts, shared_centre_share
 from model import build_vit, param_groups
+from prepare import make_synthetic
 
 
 def test_layer_decay_covers_every_parameter_once_with_decaying_scales():
@@ -54,3 +61,29 @@ def test_shared_centre_share():
                    {'boxes': np.zeros((0, 4), np.float32)}]
     assert shared_centre_share(DS, 8) == pytest.approx(2 / 3)  # centres (2,2), (6,6) share cell (0,0)
     assert shared_centre_share(DS, 4) == 0.0
+
+
+def test_loader_ranks_split_each_epoch_into_disjoint_equal_shares(tmp_path):
+    make_synthetic(tmp_path, n_train=11, n_val=0, size=32, seed=0)
+    ds = DOTADataset(tmp_path, 'train', CLASSES['dota1.0'], img_size=32, train=True)
+    names = []
+    for rank in range(2):
+        torch.manual_seed(3)  # every rank starts from the same seed
+        loader = Loader(ds, 2, 8, workers=0, shuffle=True, drop_last=True, rank=rank, world=2)
+        names.append([t['name'] for _ in range(2) for _, targets in loader for t in targets])  # two epochs
+        assert len(loader) == 2
+    assert len(names[0]) == len(names[1]) == 8
+    for epoch in range(2):
+        a, b = (set(n[4 * epoch:4 * epoch + 4]) for n in names)
+        assert len(a) == len(b) == 4 and not a & b
+
+
+def test_ddp_fine_tuning_runs_on_two_cpu_processes(tmp_path):
+    make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+           str(ROOT / 'finetune.py'), '--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data',
+           str(tmp_path / 'synth'), '--img-size', '32', '--batch-size', '2', '--epochs', '1', '--head-dim', '32',
+           '--workers', '0', '--device', 'cpu', '--out', str(tmp_path / 'ft')]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert '2 process(es)' in p.stdout and (tmp_path / 'ft' / 'best.pt').exists()
