@@ -7,12 +7,13 @@ objects? Four rows at equal budgets on the synthetic data:
     (d) pixels-random  MAE-style: random masking, the hidden patches' normalized pixels as targets
                        (--target pixels), then fine-tuning
 
-    python bench/ablation.py [--pretrain-epochs 30] [--finetune-epochs 20] [--out runs/ablation]
+    python bench/ablation.py [--pretrain-epochs 40] [--finetune-epochs 20] [--out runs/ablation]
 
 (b)-(d) pretrain for the same epochs on the same images; every row fine-tunes with the same recipe for the same
 epochs and is evaluated on the val split (best checkpoint by mAP50, as finetune.py keeps it). Printed: mAP50,
 mAP50-95, and AP50 of tiny (< 16 px) and small (16-32 px) objects, then the time. Each step is a plain command
-(printed before it runs), so any row can be rerun by hand. Defaults take about 25 minutes on 2 CPU cores.
+(printed before it runs; its output goes to OUT/ROW/*.log), so any row can be rerun by hand. Defaults take about
+25 minutes on 2 CPU cores.
 """
 import argparse
 import json
@@ -26,11 +27,15 @@ ROWS = {'scratch': None, 'jepa-random': ['--mask', 'random'], 'jepa-object': ['-
         'pixels-random': ['--mask', 'random', '--target', 'pixels']}
 
 
-def run(*cmd):
+def run(log, *cmd):
+    """Run one step, its output to `log`; -> seconds."""
     cmd = [sys.executable, *map(str, cmd)]
     print('$', ' '.join(cmd[1:]), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    with open(log, 'w') as f:
+        if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f'failed; the end of {log}:\n' + log.read_text()[-3000:])
     return time.time() - t0
 
 
@@ -40,7 +45,7 @@ def main():
     ap.add_argument('--model', default='mini', help='ViT preset (default: %(default)s)')
     ap.add_argument('--patch-size', type=int, default=8, help='patch size (default: %(default)s)')
     ap.add_argument('--img-size', type=int, default=128, help='crop side (default: %(default)s)')
-    ap.add_argument('--pretrain-epochs', type=int, default=30, help='JEPA/MAE epochs of rows b-d (default: %(default)s)')
+    ap.add_argument('--pretrain-epochs', type=int, default=40, help='JEPA/MAE epochs of rows b-d (default: %(default)s)')
     ap.add_argument('--finetune-epochs', type=int, default=20, help='fine-tuning epochs of every row '
                                                                     '(default: %(default)s)')
     ap.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS), help='rows to run (default: all)')
@@ -55,13 +60,13 @@ def main():
         ckpt = 'none'
         if ROWS[name] is not None:
             ckpt = out / name / 'pretrain' / 'last.pt'
-            t += run('pretrain.py', *common, '--model', args.model, '--patch-size', args.patch_size, *ROWS[name],
+            t += run(out / name / 'pretrain.log', 'pretrain.py', *common, '--model', args.model, '--patch-size', args.patch_size, *ROWS[name],
                      '--epochs', args.pretrain_epochs, '--batch-size', 32, '--lr', 1e-3, '--warmup-epochs', 3,
                      '--out', out / name / 'pretrain')
         size = ['--model', args.model, '--patch-size', args.patch_size] if ckpt == 'none' else []
-        t += run('finetune.py', '--ckpt', ckpt, *size, *common, '--epochs', args.finetune_epochs, '--batch-size', 16,
+        t += run(out / name / 'finetune.log', 'finetune.py', '--ckpt', ckpt, *size, *common, '--epochs', args.finetune_epochs, '--batch-size', 16,
                  '--lr', 5e-4, '--eval-every', 5, '--out', out / name / 'finetune')
-        t += run('evaluate.py', '--ckpt', out / name / 'finetune' / 'best.pt', '--device', 'cpu', '--workers', 1,
+        t += run(out / name / 'evaluate.log', 'evaluate.py', '--ckpt', out / name / 'finetune' / 'best.pt', '--device', 'cpu', '--workers', 1,
                  '--sizes', '--json', out / name / 'eval.json')
         results[name] = (json.loads((out / name / 'eval.json').read_text()), t)
     print(f'\nsynthetic val, {args.model} ViT/{args.patch_size}, {args.pretrain_epochs} pretraining + '
