@@ -200,7 +200,7 @@ def main(argv=None):
                 diag[k].append(parts.pop(k))
             bar.set_postfix(loss=f'{loss_value:.3f}', **{k: f'{v:.3f}' for k, v in parts.items()})
         say(f'epoch {epoch + 1}: mean IoU of matched pairs {np.mean(diag["iou"]):.3f}, predictions above 0.3 per GT '
-            f'{np.mean(diag["above_0.3_per_gt"]):.2f} (rank 0)')
+            f'{np.mean(diag["above_0.3_per_gt"]):.2f}' + (' (rank 0)' if ddp else ''))
         if not main0:
             continue
         ckpt = {'model': model.state_dict(), 'args': vars(args), 'class_names': class_names, 'epoch': epoch + 1}
