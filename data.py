@@ -324,7 +324,8 @@ class Loader:
         self.shuffle, self.drop_last, self.keys, self.prefetch = shuffle, drop_last, keys, prefetch
         self.rank, self.world = rank, world
         self.pin = torch.cuda.is_available()
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+        if keys is None:  # seeded from the global RNG once, here: later draws do not disturb it
+            self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
 
     def __len__(self):
         n = len(self.keys if self.keys is not None else self.dataset) // self.world

@@ -131,6 +131,7 @@ class Detector(nn.Module):
         take = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731 (B, M, n) -> (B, K, n)
         q = self.query(take(mem))  # (B, K, Dh)
         ref = torch.cat([take(cxcy), take(wh)], -1).detach()  # (B, K, 4) cx, cy, w, h in px
+        start = take(dense['centres'])  # (B, K, 2) the cells the queries come from: the matcher's centre prior
         grid = torch.stack([xs, ys], -1).reshape(-1, 2)  # (M, 2) cell coordinates, the units of q_pos below
         mem_pos = torch.cat([sincos(grid, mem.shape[-1] // 2), torch.zeros_like(mem[0, :, mem.shape[-1] // 2:])], -1)
         outs = []
@@ -142,7 +143,7 @@ class Detector(nn.Module):
             c2 = ref[..., :2] + dd[..., :2] * ref[..., 2:]
             s2 = ref[..., 2:] * dd[..., 2:].clamp(-4, 4).exp()
             outs.append({'logits': cls_head(q), 'boxes': torch.cat([c2 - s2 / 2, c2 + s2 / 2], -1),
-                         'centres': take(dense['centres']), 'stride': self.stride})
+                         'centres': start, 'stride': self.stride})
             ref = torch.cat([c2, s2], -1).detach()
         return {**outs[-1], 'aux': outs[:-1], 'dense': dense}
 
