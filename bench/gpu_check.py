@@ -25,6 +25,22 @@ from pretrain_bench import step_flops  # noqa: E402
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12}  # dense, per card
 
 
+def timed(step, args, cuda):
+    """Run step() args.warmup times untimed, then args.steps times -> (seconds per step, peak GiB on CUDA)."""
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')
+    return (time.perf_counter() - t0) / args.steps, mem
+
+
 def measure(args, compile_):
     torch.manual_seed(0)
     device, cfg = torch.device(args.device), PRESETS[args.model]
@@ -45,20 +61,8 @@ def measure(args, compile_):
         loss.backward()
         opt.step()
         ema_update(target, context, 0.996)
-    for _ in range(args.warmup):
-        step()
-    if amp:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if amp:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
-    flops = step_flops(cfg, g * g, g * g // 4, g * g // 4, g * g - g * g // 4, 16) * args.batch_size
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if amp else float('nan')
-    return dt, flops, mem
+    dt, mem = timed(step, args, amp)
+    return dt, step_flops(cfg, g * g, g * g // 4, g * g // 4, g * g - g * g // 4, 16) * args.batch_size, mem
 
 
 def measure_finetune(args, n_objects=300):
@@ -79,18 +83,7 @@ def measure_finetune(args, n_objects=300):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for _ in range(args.warmup):
-        step()
-    if amp:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if amp:
-        torch.cuda.synchronize()
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if amp else float('nan')
-    return (time.perf_counter() - t0) / args.steps, mem
+    return timed(step, args, amp)
 
 
 def main():
