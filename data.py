@@ -172,14 +172,14 @@ def resolve_data(data):
 class DOTADataset(torch.utils.data.Dataset):
     """Images of ROOT/SPLIT with their boxes. Labels are parsed once, at construction.
 
-    train=True: random crop to img_size (object scale kept, padded with zeros when the image is smaller) and a
-    random element of the dihedral group (flips and 90 degree rotations). train=False: the whole image.
+    train=True: random crop to img_size (object scale kept, padded with zeros when the image is smaller) and, with
+    flips=True, a random element of the dihedral group (flips and 90 degree rotations). train=False: the whole image.
     Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, 'labels': (n,) int64, 'difficult': (n,) bool,
     'name': str, 'size': (H, W)}).
     """
 
-    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False):
-        self.class_names, self.img_size, self.train = class_names, img_size, train
+    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True):
+        self.class_names, self.img_size, self.train, self.flips = class_names, img_size, train, flips
         folder = Path(root) / split
         if (folder / 'manifest.json').exists():  # written by `data.py split`: one file instead of one per tile
             self.files, self.targets = self._from_manifest(folder / 'manifest.json')
@@ -236,7 +236,8 @@ class DOTADataset(torch.utils.data.Dataset):
         if self.train:
             img, boxes, keep = random_crop(img, boxes, self.img_size, g)
             labels, diff = labels[keep], diff[keep]
-            boxes, target['flips'] = random_dihedral(boxes, img.shape[:2], g)
+            if self.flips:
+                boxes, target['flips'] = random_dihedral(boxes, img.shape[:2], g)
         turned = 'flips' in target and bool(target['flips'][0])
         target.update(boxes=boxes, labels=labels, difficult=diff,
                       size=tuple(img.shape[1::-1] if turned else img.shape[:2]))  # (h, w) as the model will see it
@@ -357,8 +358,9 @@ class Loader:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_loader(root, split, class_names, img_size, batch_size, train, workers, patch_size, rank=0, world=1):
-    ds = DOTADataset(root, split, class_names, img_size, train)
+def make_loader(root, split, class_names, img_size, batch_size, train, workers, patch_size, rank=0, world=1,
+                flips=True):
+    ds = DOTADataset(root, split, class_names, img_size, train, flips=flips)
     return Loader(ds, batch_size, patch_size, workers, shuffle=train, drop_last=train and len(ds) >= batch_size,
                   rank=rank, world=world)
 

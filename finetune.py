@@ -38,6 +38,8 @@ def get_parser():
                                                                          "required with --ckpt none")
     ap.add_argument('--patch-size', type=int, default=None, help='patch size; read from --ckpt (16 with none)')
     ap.add_argument('--img-size', type=int, default=512, help='training crop side (default: %(default)s)')
+    ap.add_argument('--no-flips', action='store_true', help='train without the random flips and 90-degree turns '
+                                                            '(random crops stay): for overfitting checks')
     ap.add_argument('--epochs', type=int, default=50, help='passes over the train split (default: %(default)s)')
     ap.add_argument('--batch-size', type=int, default=16, help='images per step (default: %(default)s)')
     ap.add_argument('--lr', type=float, default=2e-4, help='peak AdamW learning rate (default: %(default)s)')
@@ -147,7 +149,7 @@ def main(argv=None):
     class_names = CLASSES[args.classes]
     root = resolve_data(args.data)
     train_loader = make_loader(root, 'train', class_names, args.img_size, args.batch_size, True, args.workers,
-                               args.patch_size, rank, world)
+                               args.patch_size, rank, world, flips=not args.no_flips)
     val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size)
     most = max((len(t['boxes']) for t in train_loader.dataset.targets), default=0)
     args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))  # no weights depend on K

@@ -215,6 +215,21 @@ def test_loader_targets_match_the_images_the_model_sees(tmp_path):
     assert epochs[:6] == epochs[6:] and len({str(e) for e in epochs[:6]}) > 1  # seeded, yet epochs differ
 
 
+def test_no_flips_keeps_orientation(tmp_path):
+    """flips=False (finetune.py --no-flips): crops still vary, but no item is flipped or turned."""
+    (tmp_path / 'train' / 'images').mkdir(parents=True)
+    (tmp_path / 'train' / 'labelTxt').mkdir()
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tmp_path / 'train' / 'images' / 'I0.png')
+    (tmp_path / 'train' / 'labelTxt' / 'I0.txt').write_text('10 20 30 20 30 26 10 26 ship 0\n')
+    ds = DOTADataset(tmp_path, 'train', V1, img_size=32, train=True, flips=False)
+    items = [ds[(0, seed)][1] for seed in range(16)]
+    assert all('flips' not in t for t in items)
+    boxes = {tuple(t['boxes'][0].tolist()) for t in items if len(t['boxes'])}
+    assert len(boxes) > 1  # the crops differ
+    for x1, y1, x2, y2 in boxes:  # never turned: the 20 x 6 box stays wide (where it is not cut by the crop)
+        assert y2 - y1 <= 6 and (x2 - x1 >= 6 or x1 == 0 or x2 == 32)
+
+
 def test_random_crop_keeps_scale_and_clips():
     img = torch.zeros(100, 80, 3, dtype=torch.uint8)
     img[40:60, 30:50] = 255
