@@ -16,14 +16,18 @@ import torch.nn.functional as F
 
 
 def giou(a, b):
-    """Generalized IoU of boxes a (..., 4) and b (..., 4), xyxy, broadcasting. -> (giou, iou), each (...)."""
-    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
-    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
+    """Generalized IoU of boxes a (..., 4) and b (..., 4), xyxy, broadcasting. -> (giou, iou), each (...).
+    Per coordinate, so that pairwise use (a[:, None], b[None]) makes (M, G) tensors, never (M, G, 2) ones."""
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    area_a = (ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)
+    area_b = (bx2 - bx1).clamp(min=0) * (by2 - by1).clamp(min=0)
+    inter = ((torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0) *
+             (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0))
     union = area_a + area_b - inter
     iou = inter / union.clamp(min=1e-9)
-    hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    hull = ((torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)).clamp(min=0) *
+            (torch.maximum(ay2, by2) - torch.minimum(ay1, by1)).clamp(min=0))
     return iou - (hull - union) / hull.clamp(min=1e-9), iou
 
 
@@ -190,13 +194,16 @@ class MinCostMatcher:
     @torch.no_grad()
     def cost(self, logits, boxes, centres, gt_boxes, gt_labels, stride):
         """The cost matrix (M, G) of the docstring above."""
-        pos, neg = focal_terms(logits.float()[:, gt_labels])  # (M, G)
-        g, _ = giou(boxes[:, None], gt_boxes[None])  # (M, G)
-        l1 = (boxes[:, None] - gt_boxes[None]).abs().sum(-1) / stride  # (M, G)
+        # Each term is built at (M, G) directly, never (M, G, 2 or 4): this matrix is the matcher's main cost.
+        pos, neg = focal_terms(logits.float())  # (M, C) each, gathered per GT below (C << G in dense tiles)
+        cost = self.w_cls * (pos - neg)[:, gt_labels]  # (M, G)
+        cost += self.w_l1 / stride * torch.cdist(boxes.float(), gt_boxes.float(), p=1)  # L1 distance, (M, G)
+        cost -= self.w_giou * giou(boxes[:, None], gt_boxes[None])[0]
         gc, gwh = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2, gt_boxes[:, 2:] - gt_boxes[:, :2]  # (G, 2) each
         reach = gwh.div(2).clamp(min=self.radius * stride)  # (G, 2)
-        outside = ((centres[:, None] - gc[None]).abs() > reach[None]).any(-1)  # (M, G)
-        return self.w_cls * (pos - neg) + self.w_l1 * l1 - self.w_giou * g + 1e4 * outside
+        outside = ((centres[:, None, 0] - gc[:, 0]).abs() > reach[:, 0]) | \
+                  ((centres[:, None, 1] - gc[:, 1]).abs() > reach[:, 1])  # (M, G)
+        return cost + 1e4 * outside
 
 
 def assign_min_cost(cost):
