@@ -3,8 +3,9 @@
     python finetune.py --ckpt runs/pretrain/last.pt --data dota
     python finetune.py --ckpt none --model mini --patch-size 8 ...      # from scratch, the baseline
 
-The detector (model.Detector) predicts one box and class scores at every cell of a stride-8 map; training matches
-each ground-truth box to exactly one cell (model.MinCostMatcher) and there is no NMS at inference. The model is
+The detector (detector.Detector) predicts a box and class scores at every cell of a stride-8 map, turns the top-K
+cells into queries and refines them with a small transformer decoder; training matches each ground-truth box to
+exactly one prediction per stage (detector.MinCostMatcher) and there is no NMS at inference. The model is
 evaluated on the val split every --eval-every epochs (evaluate.run_eval); OUT/best.pt keeps the best mAP50 and
 OUT/last.pt the latest weights. Both hold the model, the args and the class names that evaluate.py needs.
 """
