@@ -218,7 +218,8 @@ def main(argv=None):
                 torch.save(ckpt, os.path.join(args.out, 'best.pt'))
         torch.save(ckpt, os.path.join(args.out, 'last.pt'))
     say(f'best val mAP50 {best:.3f}; saved {args.out}/best.pt and {args.out}/last.pt')
-    if ddp:
+    if ddp:  # leave together: a rank that tears gloo down while rank 0 still saves can abort at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -291,7 +291,8 @@ def main(argv=None):
     if main0:
         log.close()
         print(f'saved {last}')
-    if ddp:
+    if ddp:  # leave together: a rank that tears gloo down while rank 0 still saves can abort at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 
