@@ -56,19 +56,18 @@ def main():
     common = ['--data', args.data, '--img-size', args.img_size, '--device', 'cpu', '--workers', 1, '--seed', args.seed]
     results = {}
     for name in args.rows:
-        t = 0.0
-        ckpt = 'none'
+        row, t, ckpt = out / name, 0.0, 'none'
         if ROWS[name] is not None:
-            ckpt = out / name / 'pretrain' / 'last.pt'
-            t += run(out / name / 'pretrain.log', 'pretrain.py', *common, '--model', args.model, '--patch-size', args.patch_size, *ROWS[name],
-                     '--epochs', args.pretrain_epochs, '--batch-size', 32, '--lr', 1e-3, '--warmup-epochs', 3,
-                     '--out', out / name / 'pretrain')
+            ckpt = row / 'pretrain' / 'last.pt'
+            t += run(row / 'pretrain.log', 'pretrain.py', *common, '--model', args.model, '--patch-size',
+                     args.patch_size, *ROWS[name], '--epochs', args.pretrain_epochs, '--batch-size', 32, '--lr', 1e-3,
+                     '--warmup-epochs', 3, '--out', row / 'pretrain')
         size = ['--model', args.model, '--patch-size', args.patch_size] if ckpt == 'none' else []
-        t += run(out / name / 'finetune.log', 'finetune.py', '--ckpt', ckpt, *size, *common, '--epochs', args.finetune_epochs, '--batch-size', 16,
-                 '--lr', 5e-4, '--eval-every', 5, '--out', out / name / 'finetune')
-        t += run(out / name / 'evaluate.log', 'evaluate.py', '--ckpt', out / name / 'finetune' / 'best.pt', '--device', 'cpu', '--workers', 1,
-                 '--sizes', '--json', out / name / 'eval.json')
-        results[name] = (json.loads((out / name / 'eval.json').read_text()), t)
+        t += run(row / 'finetune.log', 'finetune.py', '--ckpt', ckpt, *size, *common, '--epochs', args.finetune_epochs,
+                 '--batch-size', 16, '--lr', 5e-4, '--eval-every', 5, '--out', row / 'finetune')
+        t += run(row / 'evaluate.log', 'evaluate.py', '--ckpt', row / 'finetune' / 'best.pt', '--device', 'cpu',
+                 '--workers', 1, '--sizes', '--json', row / 'eval.json')
+        results[name] = (json.loads((row / 'eval.json').read_text()), t)
     print(f'\nsynthetic val, {args.model} ViT/{args.patch_size}, {args.pretrain_epochs} pretraining + '
           f'{args.finetune_epochs} fine-tuning epochs')
     print(f'{"row":<16}{"mAP50":>8}{"mAP50-95":>10}{"AP50 tiny":>11}{"AP50 small":>12}{"minutes":>9}')

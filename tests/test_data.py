@@ -184,16 +184,21 @@ def test_dihedral_moves_boxes_with_pixels():
     assert len(seen) == 8  # all flips and turns occur
 
 
+def white_box_tiles(root, shapes):
+    """ROOT/train with one black image I{k}.png per (h, w, x1, y1, x2, y2), a white rectangle at its one ship box."""
+    (root / 'train' / 'images').mkdir(parents=True)
+    (root / 'train' / 'labelTxt').mkdir()
+    for k, (h, w, x1, y1, x2, y2) in enumerate(shapes):
+        a = np.zeros((h, w, 3), np.uint8)
+        a[y1:y2, x1:x2] = 255
+        Image.fromarray(a).save(root / 'train' / 'images' / f'I{k}.png')
+        (root / 'train' / 'labelTxt' / f'I{k}.txt').write_text(f'{x1} {y1} {x2} {y1} {x2} {y2} {x1} {y2} ship 0\n')
+
+
 def test_loader_targets_match_the_images_the_model_sees(tmp_path):
     """DOTADataset (crop, flips drawn) -> Loader (2 threads) -> to_input (flips applied): in what the model gets,
     the white rectangle of each image lies exactly in its box; and a seeded epoch is the same twice."""
-    (tmp_path / 'train' / 'images').mkdir(parents=True)
-    (tmp_path / 'train' / 'labelTxt').mkdir()
-    for k, (h, w, x1, y1, x2, y2) in enumerate([(48, 48, 10, 20, 30, 26), (40, 40, 3, 3, 9, 30), (48, 30, 5, 1, 8, 47)]):
-        a = np.zeros((h, w, 3), np.uint8)
-        a[y1:y2, x1:x2] = 255
-        Image.fromarray(a).save(tmp_path / 'train' / 'images' / f'I{k}.png')
-        (tmp_path / 'train' / 'labelTxt' / f'I{k}.txt').write_text(f'{x1} {y1} {x2} {y1} {x2} {y2} {x1} {y2} ship 0\n')
+    white_box_tiles(tmp_path, [(48, 48, 10, 20, 30, 26), (40, 40, 3, 3, 9, 30), (48, 30, 5, 1, 8, 47)])
     ds = DOTADataset(tmp_path, 'train', V1, img_size=32, train=True)
     epochs = []
     for epoch in range(12):
@@ -217,10 +222,7 @@ def test_loader_targets_match_the_images_the_model_sees(tmp_path):
 
 def test_no_flips_keeps_orientation(tmp_path):
     """flips=False (finetune.py --no-flips): crops still vary, but no item is flipped or turned."""
-    (tmp_path / 'train' / 'images').mkdir(parents=True)
-    (tmp_path / 'train' / 'labelTxt').mkdir()
-    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tmp_path / 'train' / 'images' / 'I0.png')
-    (tmp_path / 'train' / 'labelTxt' / 'I0.txt').write_text('10 20 30 20 30 26 10 26 ship 0\n')
+    white_box_tiles(tmp_path, [(48, 48, 10, 20, 30, 26)])
     ds = DOTADataset(tmp_path, 'train', V1, img_size=32, train=True, flips=False)
     items = [ds[(0, seed)][1] for seed in range(16)]
     assert all('flips' not in t for t in items)
