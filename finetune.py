@@ -10,6 +10,7 @@ evaluated on the val split every --eval-every epochs (evaluate.run_eval); OUT/be
 OUT/last.pt the latest weights. Both hold the model, the args and the class names that evaluate.py needs.
 """
 import argparse
+import copy
 import math
 import os
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from data import CLASSES, make_loader, resolve_data, to_input
 from evaluate import run_eval
 from detector import Detector, MinCostMatcher, detector_loss
-from model import PRESETS, build_vit, lr_at, param_groups
+from model import PRESETS, build_vit, ema_update, lr_at, param_groups
 
 
 def get_parser():
@@ -44,9 +45,14 @@ def get_parser():
     ap.add_argument('--epochs', type=int, default=50, help='passes over the train split (default: %(default)s)')
     ap.add_argument('--batch-size', type=int, default=16, help='images per step (default: %(default)s)')
     ap.add_argument('--lr', type=float, default=2e-4, help='peak AdamW learning rate (default: %(default)s)')
-    ap.add_argument('--layer-decay', type=float, default=0.75,
+    ap.add_argument('--layer-decay', type=float, default=None,
                     help='layer-wise lr decay: backbone block i of L learns at lr x decay^(L - i), the patch '
-                         'embedding at decay^(L + 1); 1 = off (default: %(default)s)')
+                         'embedding at decay^(L + 1); 1 = off (default: 0.75 for a pretrained backbone, 1 with '
+                         '--ckpt none: random low layers have nothing to protect)')
+    ap.add_argument('--ema', type=float, default=0.999,
+                    help='decay of an EMA of the detector weights, the weights that are evaluated and saved; it '
+                         'rises as min(decay, (1 + step) / (10 + step)) so that short runs use it too; 0 = off '
+                         '(default: %(default)s)')
     ap.add_argument('--freeze-backbone', action='store_true', help='train the head only (a linear-probe-like check '
                                                                   'of the pretrained features)')
     ap.add_argument('--cls-loss', choices=['focal', 'varifocal'], default='focal',
@@ -100,6 +106,8 @@ def build(args):
     backbone = build_vit(args.model, args.patch_size, args.drop_path)
     if state is not None:
         backbone.load_state_dict(state)  # strict: every key of the encoder must match
+    if args.layer_decay is None:
+        args.layer_decay = 1.0 if state is None else 0.75
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
@@ -161,6 +169,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     matcher = MinCostMatcher(method=args.matcher)
     fwd = DDP(model, device_ids=[device] if cuda else None) if ddp else model
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None  # what is evaluated and saved
+    final = ema or model
     say = print if main0 else (lambda *a, **k: None)
     say(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
         f'stride {model.stride}, {args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
@@ -199,6 +209,8 @@ def main(argv=None):
             scaler.step(opt)
             scaler.update()
             step += 1
+            if ema is not None:
+                ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
             for k in diag:
                 diag[k].append(parts.pop(k))
             bar.set_postfix(loss=f'{loss_value:.3f}', **{k: f'{v:.3f}' for k, v in parts.items()})
@@ -206,9 +218,9 @@ def main(argv=None):
             f'{np.mean(diag["above_0.3_per_gt"]):.2f}' + (' (rank 0)' if ddp else ''))
         if not main0:
             continue
-        ckpt = {'model': model.state_dict(), 'args': vars(args), 'class_names': class_names, 'epoch': epoch + 1}
+        ckpt = {'model': final.state_dict(), 'args': vars(args), 'class_names': class_names, 'epoch': epoch + 1}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            res, table = run_eval(model, val_loader, class_names, device, args.conf, args.max_det, args.out)
+            res, table = run_eval(final, val_loader, class_names, device, args.conf, args.max_det, args.out)
             has = res['n_gt'] > 0
             map50 = float(res['ap'][has, 0].mean()) if has.any() else 0.0
             print(f'epoch {epoch + 1} ({time.time() - t_start:.0f} s)\n{table}')

@@ -160,10 +160,12 @@ class Predictor(nn.Module):
 
 @torch.no_grad()
 def ema_update(target, online, momentum):
-    """target <- momentum * target + (1 - momentum) * online, for every parameter."""
+    """target <- momentum * target + (1 - momentum) * online, for every parameter; buffers are copied."""
     t, o = list(target.parameters()), list(online.parameters())
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, o, alpha=1.0 - momentum)
+    for tb, ob in zip(target.buffers(), online.buffers()):
+        tb.copy_(ob)
 
 
 def ema_momentum(step, total_steps, start=0.996, end=1.0):

@@ -39,6 +39,16 @@ def run(log, *cmd):
     return time.time() - t0
 
 
+def print_table(results, bins):
+    """results: {row: (evaluate.py --sizes --json dict, minutes)} -> one line per row: mAP50, mAP50-95, AP50 of
+    each size bin ('-' where val has no object of that size), minutes."""
+    print(f'{"row":<20}{"mAP50":>8}{"mAP50-95":>10}' + ''.join(f'{"AP50 " + b:>13}' for b in bins) + f'{"minutes":>9}')
+    for name, (r, minutes) in results.items():
+        size = [r['sizes'][b]['map50'] for b in bins]
+        cells = ''.join(f'{v:>13.3f}' if v is not None else f'{"-":>13}' for v in size)
+        print(f'{name:<20}{r["map50"]:>8.3f}{r["map"]:>10.3f}{cells}{minutes:>9.1f}')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--data', default='synthetic', help="dataset (default: %(default)s)")
@@ -70,11 +80,7 @@ def main():
         results[name] = (json.loads((row / 'eval.json').read_text()), t)
     print(f'\nsynthetic val, {args.model} ViT/{args.patch_size}, {args.pretrain_epochs} pretraining + '
           f'{args.finetune_epochs} fine-tuning epochs')
-    print(f'{"row":<16}{"mAP50":>8}{"mAP50-95":>10}{"AP50 tiny":>11}{"AP50 small":>12}{"minutes":>9}')
-    for name, (r, t) in results.items():
-        size = [r['sizes'][b]['map50'] for b in ('tiny', 'small')]
-        cells = ''.join(f'{v:>{w}.3f}' if v is not None else f'{"-":>{w}}' for v, w in zip(size, (11, 12)))
-        print(f'{name:<16}{r["map50"]:>8.3f}{r["map"]:>10.3f}{cells}{t / 60:>9.1f}')
+    print_table({k: (r, t / 60) for k, (r, t) in results.items()}, ('tiny', 'small'))
     (out / 'results.json').write_text(json.dumps({k: v[0] for k, v in results.items()}, indent=2))
 
 

@@ -31,3 +31,12 @@ def gts(boxes, labels=None, difficult=None):
     n = len(boxes)
     return {'boxes': boxes, 'labels': np.zeros(n, int) if labels is None else np.asarray(labels),
             'difficult': np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool)}
+
+
+@pytest.fixture(scope='session')
+def nwpu():
+    """NWPU VHR-10 in the DOTA layout (../shared/nwpu_vhr10, or $NWPU_VHR10); tests using it skip when absent."""
+    path = Path(os.environ.get('NWPU_VHR10', ROOT.parent / 'shared' / 'nwpu_vhr10'))
+    if not (path / 'val' / 'labelTxt').is_dir():
+        pytest.skip(f'NWPU VHR-10 not found at {path} (set NWPU_VHR10 to its folder)')
+    return path
