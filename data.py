@@ -1,9 +1,7 @@
-"""DOTA data for training: class lists, label files, images, the Dataset and its loader; the data.py command line.
+"""DOTA data for training: class lists, label files, images, the Dataset and its loader.
 
-    python data.py split --src DOTA/train --dst data/dota/train    # cut full images into 1024^2 tiles + manifest
-    python data.py check --data data/dota                          # statistics and every problem found
-    python data.py synth --out data/synthetic                      # deterministic synthetic DOTA-format data
-(the three commands are implemented in prepare.py)
+Datasets on disk are made and checked by prepare.py (`python prepare.py split|check|synth`); this module is what
+training reads, and it imports nothing of prepare.py.
 
 Layout read everywhere:  ROOT/{train,val}/images/*.png|jpg|tif  and  ROOT/{train,val}/labelTxt/*.txt, or a
 ROOT/{train,val}/manifest.json written by `split`. A label line is `x1 y1 x2 y2 x3 y3 x4 y4 class [difficult]` (a
@@ -12,10 +10,8 @@ boxes x1 y1 x2 y2 clipped to the image. Malformed lines are errors naming the fi
 objects and files are counted (Problems) and reported, and --strict makes them errors.
 Images stay uint8 until `to_input` turns a batch into normalized floats on the device (4x fewer bytes to copy).
 """
-import argparse
 import itertools
 import json
-import os
 import re
 import warnings
 from collections import Counter, deque
@@ -74,7 +70,10 @@ def parse_label_file(path, class_names):
     """Read one DOTA label file -> polys (n, 8) float32, labels (n,) int64, difficult (n,) int64, line numbers (n,).
     Header lines, blank lines, CRLF and a UTF-8 BOM are fine; anything else that is not an object line is an error."""
     path = Path(path)
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # a directory named *.txt, no permission, an I/O error
+        raise LabelError(f'{path}: cannot read the label file ({e.strerror or e})') from None
     try:
         text = raw.decode('utf-8-sig')
     except UnicodeDecodeError as e:
@@ -155,19 +154,6 @@ def read_image(path, header_only=False):
         raise ValueError(f'{path}: cannot read the image ({e})') from None
 
 
-def resolve_data(data):
-    """--data accepts a folder or a name: 'dota' -> data/dota, 'synthetic' -> data/synthetic (made on first use)."""
-    root = Path({'dota': 'data/dota', 'synthetic': 'data/synthetic'}.get(data, data))
-    if data == 'synthetic' and not (root / '.complete').exists():
-        from prepare import make_synthetic  # here: prepare imports this module
-        print(f'generating the synthetic dataset in {root} (once)')
-        make_synthetic(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f'--data {data}: {root} is not a folder; expected '
-                                f'ROOT/{{train,val}}/{{images,labelTxt}}')
-    return root
-
-
 # ----------------------------------------------------------------------------------------------- Dataset
 class DOTADataset(torch.utils.data.Dataset):
     """Images of ROOT/SPLIT with their boxes. Labels are parsed once, at construction.
@@ -180,8 +166,9 @@ class DOTADataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True):
         self.class_names, self.img_size, self.train, self.flips = class_names, img_size, train, flips
+        self.strict, self.damaged = strict, []  # images that failed to decode during training (paths)
         folder = Path(root) / split
-        if (folder / 'manifest.json').exists():  # written by `data.py split`: one file instead of one per tile
+        if (folder / 'manifest.json').exists():  # written by `prepare.py split`: one file instead of one per tile
             self.files, self.targets = self._from_manifest(folder / 'manifest.json')
             return
         img_dir, lbl_dir = folder / 'images', folder / 'labelTxt'
@@ -192,15 +179,22 @@ class DOTADataset(torch.utils.data.Dataset):
         problems, self.targets = Problems(strict), []
         for stem in sorted({p.stem for p in lbl_dir.glob('*.txt')} - {f.stem for f in self.files}):
             problems.add('label file without an image (skipped)', str(lbl_dir / f'{stem}.txt'))
+        readable = []
         for f in self.files:
             lbl = lbl_dir / (f.stem + '.txt')
-            if lbl.exists():
+            try:
                 w, h = read_image(f, header_only=True)
+            except ValueError as e:  # not an image, zero bytes, a directory...: `prepare.py check` says which
+                problems.add('unreadable image (skipped)', str(e))
+                continue
+            readable.append(f)
+            if lbl.exists():
                 boxes, labels, diff = load_labels(lbl, class_names, w, h, problems)
             else:
                 problems.add('image without a label file (no objects)', str(f))
                 boxes, labels, diff = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
             self.targets.append({'boxes': boxes, 'labels': labels, 'difficult': diff > 0})
+        self.files = readable
         for kind, n in problems.counts.items():
             warnings.warn(f'{folder}: {n} x {kind}, e.g. {problems.places[kind][0]}')
 
@@ -227,10 +221,19 @@ class DOTADataset(torch.utils.data.Dataset):
         and epoch in its own thread, so runs are reproducible whatever the thread timing); else the global RNG."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         g = None if seed is None else torch.Generator().manual_seed(seed)
-        with warnings.catch_warnings():  # the array is read-only: fine, nothing here writes to it
-            warnings.simplefilter('ignore', UserWarning)
-            img = torch.from_numpy(read_image(self.files[i]))  # (H, W, 3) uint8
         t = self.targets[i]
+        try:
+            with warnings.catch_warnings():  # the array is read-only: fine, nothing here writes to it
+                warnings.simplefilter('ignore', UserWarning)
+                img = torch.from_numpy(read_image(self.files[i]))  # (H, W, 3) uint8
+        except ValueError as e:  # damaged after the header was read (truncated, corrupt): not a reason to end a run
+            if self.strict:
+                raise
+            self.damaged.append(str(self.files[i]))  # list.append: safe from the loader's threads
+            warnings.warn(f'{e}; used as an empty image without objects ({len(self.damaged)} damaged image(s) '
+                          f'so far; --strict makes this an error)')
+            side = self.img_size or 32
+            img, t = torch.zeros((side, side, 3), dtype=torch.uint8), {k: v[:0] for k, v in t.items()}
         boxes, labels, diff = (torch.from_numpy(t[k]) for k in ('boxes', 'labels', 'difficult'))
         target = {'name': self.files[i].stem}
         if self.train:
@@ -359,8 +362,8 @@ class Loader:
 
 
 def make_loader(root, split, class_names, img_size, batch_size, train, workers, patch_size, rank=0, world=1,
-                flips=True):
-    ds = DOTADataset(root, split, class_names, img_size, train, flips=flips)
+                flips=True, strict=False):
+    ds = DOTADataset(root, split, class_names, img_size, train, strict=strict, flips=flips)
     return Loader(ds, batch_size, patch_size, workers, shuffle=train, drop_last=train and len(ds) >= batch_size,
                   rank=rank, world=world)
 
@@ -373,57 +376,3 @@ def to_input(images, targets, device):
     x = orient(x, targets).float().div_(255)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     return (x - mean) / torch.tensor(STD, device=device).view(1, 3, 1, 1)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest='cmd', required=True)
-    sp = sub.add_parser('synth', help='write the synthetic DOTA-format dataset')
-    sp.add_argument('--out', default='data/synthetic', help='output folder (default: %(default)s)')
-    sp.add_argument('--n-train', type=int, default=400, help='number of training images (default: %(default)s)')
-    sp.add_argument('--n-val', type=int, default=100, help='number of validation images (default: %(default)s)')
-    sp.add_argument('--size', type=int, default=128, help='image side in pixels (default: %(default)s)')
-    sp.add_argument('--seed', type=int, default=0, help='random seed; same seed, same files (default: %(default)s)')
-    sp = sub.add_parser('split', help='cut full DOTA images into tiles, DOTA_devkit style, with a manifest')
-    sp.add_argument('--src', required=True, help='folder with images/ and labelTxt/ (e.g. DOTA/train)')
-    sp.add_argument('--dst', required=True, help='output folder (e.g. data/dota/train)')
-    sp.add_argument('--size', type=int, default=1024, help='tile side in pixels (default: %(default)s)')
-    sp.add_argument('--gap', type=int, default=200, help='overlap of neighbouring tiles (default: %(default)s)')
-    sp.add_argument('--rates', type=float, nargs='+', default=[1.0], help='resize factors, one pass each '
-                                                                          '(default: %(default)s)')
-    sp.add_argument('--format', choices=['jpg', 'png'], default='jpg',
-                    help='tile format: JPEG q95 decodes ~3x faster than PNG (default: %(default)s)')
-    sp.add_argument('--workers', type=int, default=os.cpu_count(), help='parallel processes, one image each '
-                                                                        '(default: %(default)s)')
-    sp.add_argument('--min-visible', type=float, default=0.7, help='a cut object whose visible part is at most '
-                    'this share of its area gets difficult=2 (default: %(default)s)')
-    sp.add_argument('--images-only', action='store_true', help='no labels (the test split); automatic when SRC has '
-                                                               'no labelTxt files')
-    for p in (sp, sub.add_parser('check', help='statistics and problems of a dataset; non-zero exit on errors')):
-        p.add_argument('--classes', default='dota1.0', choices=list(CLASSES), help='class list (default: %(default)s)')
-        p.add_argument('--strict', action='store_true', help='treat every warning as an error')
-    sp = sub.choices['check']
-    sp.add_argument('--data', required=True, help="dataset folder (ROOT or ROOT/train) or 'dota'/'synthetic'")
-    sp.add_argument('--workers', type=int, default=os.cpu_count(), help='processes decoding images '
-                                                                        '(default: %(default)s)')
-    args = ap.parse_args(argv)
-    import prepare  # here, not at the top: prepare imports this module
-    if args.cmd == 'synth':
-        prepare.make_synthetic(args.out, args.n_train, args.n_val, args.size, args.seed)
-        print(f'wrote {args.n_train} train and {args.n_val} val images to {args.out}')
-        return 0
-    try:
-        if args.cmd == 'split':
-            problems = prepare.split(args.src, args.dst, args.size, args.gap, args.rates, args.format, args.workers,
-                                     args.min_visible, CLASSES[args.classes], args.images_only, args.strict)
-            print(problems.report() or 'no warnings')
-            return 0
-        n_errors = prepare.check(resolve_data(args.data), CLASSES[args.classes], args.workers, args.strict)
-    except (LabelError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f'error: {e}')
-    print(f'\n{n_errors} error(s)')
-    return 1 if n_errors else 0
-
-
-if __name__ == '__main__':
-    raise SystemExit(main())

@@ -4,7 +4,7 @@
 # copy; on a GPU drop --device cpu and raise the sizes.
 set -euo pipefail
 cd "$(dirname "$0")"
-python data.py synth --out data/synthetic
+python prepare.py synth --out data/synthetic
 python pretrain.py --data synthetic --model mini --img-size 128 --patch-size 8 --epochs 40 --batch-size 32 \
     --lr 1e-3 --warmup-epochs 4 --mask object --device cpu --workers 1 --out runs/demo/pretrain
 python finetune.py --ckpt runs/demo/pretrain/last.pt --img-size 128 --epochs 20 --batch-size 16 --lr 5e-4 \

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data import CLASSES, LabelError, make_loader, parse_label_file, parse_tile_name, resolve_data, to_input
+from data import CLASSES, LabelError, make_loader, parse_label_file, parse_tile_name, to_input
+from prepare import resolve_data
 from metrics import SIZE_BINS, evaluate_coco, evaluate_dota
 from detector import Detector, postprocess
 from model import build_vit

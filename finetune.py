@@ -21,10 +21,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CLASSES, make_loader, resolve_data, to_input
+from data import CLASSES, make_loader, to_input
 from evaluate import run_eval
 from detector import Detector, MinCostMatcher, detector_loss
 from model import PRESETS, build_vit, ema_update, lr_at, param_groups
+from prepare import resolve_data
 
 
 def get_parser():
@@ -42,6 +43,8 @@ def get_parser():
     ap.add_argument('--img-size', type=int, default=512, help='training crop side (default: %(default)s)')
     ap.add_argument('--no-flips', action='store_true', help='train without the random flips and 90-degree turns '
                                                             '(random crops stay): for overfitting checks')
+    ap.add_argument('--strict', action='store_true', help='stop at a damaged image or a repaired label instead of '
+                                                          'skipping it with a counted warning')
     ap.add_argument('--epochs', type=int, default=50, help='passes over the train split (default: %(default)s)')
     ap.add_argument('--batch-size', type=int, default=16, help='images per step (default: %(default)s)')
     ap.add_argument('--lr', type=float, default=2e-4, help='peak AdamW learning rate (default: %(default)s)')
@@ -158,8 +161,9 @@ def main(argv=None):
     class_names = CLASSES[args.classes]
     root = resolve_data(args.data)
     train_loader = make_loader(root, 'train', class_names, args.img_size, args.batch_size, True, args.workers,
-                               args.patch_size, rank, world, flips=not args.no_flips)
-    val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size)
+                               args.patch_size, rank, world, flips=not args.no_flips, strict=args.strict)
+    val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size,
+                             strict=args.strict)
     most = max((len(t['boxes']) for t in train_loader.dataset.targets), default=0)
     args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))  # no weights depend on K
 

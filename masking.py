@@ -144,7 +144,8 @@ def show(args):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from data import CLASSES, collate, DOTADataset, orient, resolve_data
+    from data import CLASSES, collate, DOTADataset, orient
+    from prepare import resolve_data
     torch.manual_seed(args.seed)
     ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True)
     images, targets = collate([ds[i] for i in range(min(args.n, len(ds)))], args.patch_size)

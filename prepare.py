@@ -1,9 +1,8 @@
 """Datasets on disk: cut full DOTA images into tiles (with a manifest), synthesize a DOTA-format dataset, check one.
 
-Run through data.py:
-    python data.py split --src DOTA/train --dst data/dota/train --size 1024 --gap 200 [--rates 1.0 0.5]
-    python data.py synth --out data/synthetic
-    python data.py check --data data/dota
+    python prepare.py split --src DOTA/train --dst data/dota/train --size 1024 --gap 200 [--rates 1.0 0.5]
+    python prepare.py synth --out data/synthetic
+    python prepare.py check --data data/dota
 
 Splitting follows DOTA_devkit's ImgSplit so that its merge tools read our tiles: windows of `size` step by
 `size - gap`, the last window of a row or column snaps to the image border, images smaller than a window are
@@ -14,6 +13,7 @@ visible part (our targets are boxes), with difficult = 2 when that part is at mo
 as the devkit does. Tiles are written to a temporary name and renamed; an image counts as done only when all its
 tiles are, so an interrupted run can be restarted with the same command and continues where it stopped.
 """
+import argparse
 import json
 import os
 import resource
@@ -22,10 +22,10 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-from data import IMG_EXTS, LabelError, Problems, load_labels, polygon_area, read_image
+from data import CLASSES, IMG_EXTS, LabelError, Problems, load_labels, polygon_area, read_image
 from metrics import SIZE_BINS
 
 # ------------------------------------------------------------------------------------------------- geometry
@@ -278,19 +278,54 @@ def make_synthetic(out, n_train=400, n_val=100, size=128, seed=0):
     (out / '.complete').write_text(f'n_train={n_train} n_val={n_val} size={size} seed={seed}\n')
 
 
+def resolve_data(data):
+    """--data accepts a folder or a name: 'dota' -> data/dota, 'synthetic' -> data/synthetic (made on first use)."""
+    root = Path({'dota': 'data/dota', 'synthetic': 'data/synthetic'}.get(data, data))
+    if data == 'synthetic' and not (root / '.complete').exists():
+        print(f'generating the synthetic dataset in {root} (once)')
+        make_synthetic(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f'--data {data}: {root} is not a folder; expected '
+                                f'ROOT/{{train,val}}/{{images,labelTxt}}')
+    return root
+
+
 # ------------------------------------------------------------------------------------------------- checking
-def _check_image(path):
-    """Decode one image fully. -> error string or None."""
+FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG', '.tif': 'TIFF', '.tiff': 'TIFF', '.bmp': 'BMP'}
+
+
+def inspect_image(path):
+    """Open and fully decode one file of images/. -> (error or None, note or None): the error says why it cannot be
+    read (a directory, missing, zero bytes, no permission, not an image, truncated or corrupt); the note flags a
+    readable file whose extension does not match its content (Pillow reads it anyway; other tools may not)."""
+    path = Path(path)
     try:
-        read_image(path)
+        if path.is_dir():
+            return f'{path}: a directory where an image file should be', None
+        if path.stat().st_size == 0:
+            return f'{path}: zero bytes, not an image', None
+        with Image.open(path) as im:
+            fmt = im.format
+    except UnidentifiedImageError:
+        with open(path, 'rb') as f:
+            head = f.read(8)
+        return f'{path}: not an image (the file starts with {head!r})', None
+    except PermissionError:
+        return f'{path}: cannot be opened: permission denied', None
+    except OSError as e:  # a dangling link, an I/O error
+        return f'{path}: cannot be opened ({e.strerror or e})', None
+    try:
+        read_image(path)  # the full decode: a truncated or corrupt file fails only here
     except ValueError as e:
-        return str(e)
-    return None
+        return str(e), None
+    expected = FORMATS.get(path.suffix.lower())
+    return None, (None if fmt == expected else f'{path}: {fmt} data in a {path.suffix} file')
 
 
 def check(root, class_names, workers=4, strict=False):
-    """Walk ROOT (a split folder with images/, or a folder of split folders), print statistics and every problem.
-    -> number of errors (unreadable images or label files)."""
+    """Walk ROOT (a split folder with images/, or a folder of split folders), print statistics and every problem:
+    every entry of images/ and labelTxt/ is read or reported with its path and reason, and the walk goes on.
+    -> number of errors (files that cannot be read; under strict, warnings count too)."""
     root = Path(root)
     splits = [root] if (root / 'images').is_dir() else sorted(p for p in root.iterdir() if (p / 'images').is_dir())
     if not splits:
@@ -298,20 +333,31 @@ def check(root, class_names, workers=4, strict=False):
     n_errors = 0
     for split_dir in splits:
         problems, errors = Problems(strict=False), []
-        images = sorted(p for p in (split_dir / 'images').glob('*') if p.suffix.lower() in IMG_EXTS)
-        labels = {p.stem: p for p in (split_dir / 'labelTxt').glob('*.txt')}
+        entries = sorted((split_dir / 'images').iterdir())
+        images = [p for p in entries if p.suffix.lower() in IMG_EXTS]
+        for p in entries:
+            if p.suffix.lower() not in IMG_EXTS:
+                problems.add('file without an image extension in images/ (skipped)', str(p))
         with Pool(workers) as pool:
-            errors += [e for e in pool.map(_check_image, images, chunksize=16) if e]
+            found = pool.map(inspect_image, images, chunksize=16)
+        readable = []
+        for p, (error, note) in zip(images, found):
+            if error:
+                errors.append(error)
+            else:
+                readable.append(p)
+            if note:
+                problems.add('extension does not match the content (read anyway)', note)
+        labels = {p.stem: p for p in (split_dir / 'labelTxt').glob('*.txt')}
         for stem in sorted(set(labels) - {p.stem for p in images}):
             problems.add('label file without an image (skipped)', str(labels[stem]))
         counts, sizes, most, n_obj = np.zeros(len(class_names), int), [], (0, ''), 0
-        for p in images:
+        for p in readable:
             if p.stem not in labels:
                 problems.add('image without a label file (no objects)', str(p))
                 continue
             try:
-                with Image.open(p) as im:
-                    w, h = im.size
+                w, h = read_image(p, header_only=True)
                 boxes, lab, _ = load_labels(labels[p.stem], class_names, w, h, problems)
             except (LabelError, ValueError) as e:
                 errors.append(str(e))
@@ -321,7 +367,8 @@ def check(root, class_names, workers=4, strict=False):
             most = max(most, (len(lab), p.name))
             n_obj += len(lab)
         sizes = np.concatenate(sizes) if sizes else np.zeros(0)
-        print(f'\n{split_dir}: {len(images)} images, {len(labels)} label files, {n_obj} objects')
+        print(f'\n{split_dir}: {len(images)} images ({len(readable)} readable), {len(labels)} label files, '
+              f'{n_obj} objects')
         for c in np.flatnonzero(counts):
             print(f'  {class_names[c]:<20}{counts[c]:>8}')
         print('  object sizes (sqrt of box area): ' + ', '.join(
@@ -332,3 +379,57 @@ def check(root, class_names, workers=4, strict=False):
             print(f'  ERROR {e}')
         n_errors += len(errors) + (sum(problems.counts.values()) if strict else 0)
     return n_errors
+
+
+# ------------------------------------------------------------------------------------------------- command line
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest='cmd', required=True)
+    sp = sub.add_parser('synth', help='write the synthetic DOTA-format dataset')
+    sp.add_argument('--out', default='data/synthetic', help='output folder (default: %(default)s)')
+    sp.add_argument('--n-train', type=int, default=400, help='number of training images (default: %(default)s)')
+    sp.add_argument('--n-val', type=int, default=100, help='number of validation images (default: %(default)s)')
+    sp.add_argument('--size', type=int, default=128, help='image side in pixels (default: %(default)s)')
+    sp.add_argument('--seed', type=int, default=0, help='random seed; same seed, same files (default: %(default)s)')
+    sp = sub.add_parser('split', help='cut full DOTA images into tiles, DOTA_devkit style, with a manifest')
+    sp.add_argument('--src', required=True, help='folder with images/ and labelTxt/ (e.g. DOTA/train)')
+    sp.add_argument('--dst', required=True, help='output folder (e.g. data/dota/train)')
+    sp.add_argument('--size', type=int, default=1024, help='tile side in pixels (default: %(default)s)')
+    sp.add_argument('--gap', type=int, default=200, help='overlap of neighbouring tiles (default: %(default)s)')
+    sp.add_argument('--rates', type=float, nargs='+', default=[1.0], help='resize factors, one pass each '
+                                                                          '(default: %(default)s)')
+    sp.add_argument('--format', choices=['jpg', 'png'], default='jpg',
+                    help='tile format: JPEG q95 decodes ~3x faster than PNG (default: %(default)s)')
+    sp.add_argument('--workers', type=int, default=os.cpu_count(), help='parallel processes, one image each '
+                                                                        '(default: %(default)s)')
+    sp.add_argument('--min-visible', type=float, default=0.7, help='a cut object whose visible part is at most '
+                    'this share of its area gets difficult=2 (default: %(default)s)')
+    sp.add_argument('--images-only', action='store_true', help='no labels (the test split); automatic when SRC has '
+                                                               'no labelTxt files')
+    for p in (sp, sub.add_parser('check', help='statistics and problems of a dataset; non-zero exit on errors')):
+        p.add_argument('--classes', default='dota1.0', choices=list(CLASSES), help='class list (default: %(default)s)')
+        p.add_argument('--strict', action='store_true', help='treat every warning as an error')
+    sp = sub.choices['check']
+    sp.add_argument('--data', required=True, help="dataset folder (ROOT or ROOT/train) or 'dota'/'synthetic'")
+    sp.add_argument('--workers', type=int, default=os.cpu_count(), help='processes decoding images '
+                                                                        '(default: %(default)s)')
+    args = ap.parse_args(argv)
+    if args.cmd == 'synth':
+        make_synthetic(args.out, args.n_train, args.n_val, args.size, args.seed)
+        print(f'wrote {args.n_train} train and {args.n_val} val images to {args.out}')
+        return 0
+    try:
+        if args.cmd == 'split':
+            problems = split(args.src, args.dst, args.size, args.gap, args.rates, args.format, args.workers,
+                                     args.min_visible, CLASSES[args.classes], args.images_only, args.strict)
+            print(problems.report() or 'no warnings')
+            return 0
+        n_errors = check(resolve_data(args.data), CLASSES[args.classes], args.workers, args.strict)
+    except (LabelError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}')
+    print(f'\n{n_errors} error(s)')
+    return 1 if n_errors else 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CLASSES, DOTADataset, Loader, resolve_data, to_input
+from data import CLASSES, DOTADataset, Loader, to_input
+from prepare import resolve_data
 from masking import MODES, make_masks
 from model import PRESETS, Predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
@@ -51,6 +52,8 @@ def get_parser():
     a('--model', default='small', choices=list(PRESETS), help='ViT preset (default: %(default)s)')
     a('--patch-size', type=int, default=16, help='ViT patch size in pixels (default: %(default)s)')
     a('--img-size', type=int, default=512, help='training crop side; objects keep their scale (default: %(default)s)')
+    a('--strict', action='store_true', help='stop at a damaged image or a repaired label instead of skipping it '
+                                            'with a counted warning')
     a('--epochs', type=int, default=100, help='passes over the train split (default: %(default)s)')
     a('--batch-size', type=int, default=64, help='images per micro-batch (default: %(default)s)')
     a('--accum', type=int, default=1, help='micro-batches per optimizer step (default: %(default)s)')
@@ -165,7 +168,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[args.amp] if cuda else None
-    ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True)
+    ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True,
+                     strict=args.strict)
     steps_per_epoch = len(ds) // (args.batch_size * world * args.accum)
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(ds)} training images are fewer than one step: --batch-size x --accum x GPUs = '

@@ -5,7 +5,7 @@
     python bench/nwpu.py --rows all --out runs/nwpu
 
 The data: ../shared/nwpu_vhr10 (or --src, or $NWPU_VHR10), real Google Earth / Vaihingen images in the DOTA layout,
-cut once by `data.py split --size 512 --gap 128 --rates 0.5` into OUT/data/{train,val} (496 / 83 tiles; at half
+cut once by `prepare.py split --size 512 --gap 128 --rates 0.5` into OUT/data/{train,val} (496 / 83 tiles; at half
 resolution the median object is ~32 px, DOTA-small). Val holds whole images that no row trains on.
 
 Rows (each fine-tunes the same detector with the same recipe and is scored on val):
@@ -44,7 +44,7 @@ def prepare(src, dst):
             if not (src / split / 'labelTxt').is_dir():
                 raise SystemExit(f'NWPU VHR-10 not found: expected {src}/{split}/images and labelTxt '
                                  f'(pass --src or set NWPU_VHR10)')
-            run(dst / f'split_{split}.log', 'data.py', 'split', '--src', src / split, '--dst', dst / split,
+            run(dst / f'split_{split}.log', 'prepare.py', 'split', '--src', src / split, '--dst', dst / split,
                 '--size', 512, '--gap', 128, '--rates', 0.5)
 
 

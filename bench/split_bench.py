@@ -2,9 +2,9 @@
 
     python bench/split_bench.py [--big 6000] [--objects 2000] [--workers 2]
 
-Runs `python data.py split` as a separate process (so that the peak memory printed by the split is its own) on
+Runs `python prepare.py split` as a separate process (so that the peak memory printed by the split is its own) on
 (a) ../shared/dota_sample (or $DOTA_SAMPLE) and (b) a generated BIG x BIG PNG with about OBJECTS objects, then
-`python data.py check` on the result. Prints images/s, MB/s read and the peak resident memory of a worker.
+`python prepare.py check` on the result. Prints images/s, MB/s read and the peak resident memory of a worker.
 """
 import argparse
 import os
@@ -23,7 +23,7 @@ from prepare import synth_image  # noqa: E402
 
 def run(*args):
     t0 = time.time()
-    p = subprocess.run([sys.executable, str(ROOT / 'data.py'), *map(str, args)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), *map(str, args)], capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(p.stdout + p.stderr)
     return p.stdout, time.time() - t0

@@ -30,7 +30,7 @@ def test_every_kind_of_row_runs_and_leaves_a_checkpoint_and_a_table(tmp_path):
 
 
 def test_the_real_set_cuts_into_the_documented_half_resolution_tiles(nwpu, tmp_path):
-    subprocess.run([sys.executable, ROOT / 'data.py', 'split', '--src', nwpu / 'val', '--dst', tmp_path / 'val',
+    subprocess.run([sys.executable, ROOT / 'prepare.py', 'split', '--src', nwpu / 'val', '--dst', tmp_path / 'val',
                     '--size', '512', '--gap', '128', '--rates', '0.5'], check=True, capture_output=True, timeout=300)
     ds = DOTADataset(tmp_path, 'val', CLASSES['dota1.0'])
     assert len(ds) == 83

@@ -24,13 +24,13 @@ def test_every_flag_is_documented(script):
     assert common <= {a.dest for a in actions}
 
 
-def test_data_cli_help():
-    assert 'synth' in run(ROOT / 'data.py', '--help', cwd=ROOT)
+def test_prepare_cli_help():
+    assert 'synth' in run(ROOT / 'prepare.py', '--help', cwd=ROOT)
 
 
 def test_chain_end_to_end(tmp_path):
     data = tmp_path / 'synth'
-    run(ROOT / 'data.py', 'synth', '--out', data, '--n-train', 16, '--n-val', 4, '--size', 64, cwd=tmp_path)
+    run(ROOT / 'prepare.py', 'synth', '--out', data, '--n-train', 16, '--n-val', 4, '--size', 64, cwd=tmp_path)
     common = ['--img-size', 64, '--batch-size', 8, '--workers', 0, '--device', 'cpu']
     out = run(ROOT / 'pretrain.py', '--data', data, '--model', 'test', '--patch-size', 8, '--epochs', 2,
               '--out', tmp_path / 'pre', *common, cwd=tmp_path)
@@ -50,7 +50,7 @@ def test_chain_end_to_end(tmp_path):
         assert (tmp_path / 'ft' / f'val_batch{k}_labels.jpg').exists()
         assert (tmp_path / 'ft' / f'val_batch{k}_pred.jpg').exists()
     # tiles -> full images: split the val images into overlapping tiles, merge the detections back, official number
-    run(ROOT / 'data.py', 'split', '--src', data / 'val', '--dst', tmp_path / 'tiles' / 'val', '--size', 48, '--gap', 16,
+    run(ROOT / 'prepare.py', 'split', '--src', data / 'val', '--dst', tmp_path / 'tiles' / 'val', '--size', 48, '--gap', 16,
         '--workers', 1, cwd=tmp_path)
     out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--data', tmp_path / 'tiles', '--merge',
               '--labels', data / 'val' / 'labelTxt', '--protocol', 'dota', '--workers', 0, '--json',

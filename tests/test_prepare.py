@@ -178,7 +178,7 @@ def test_images_only_unknown_class_and_check(tmp_path, capsys):
     assert 'ship' in out and 'tiny [0, 16) px: 1' in out and '1 x zero-area' in out
     (data / 'images' / 'X2.png').write_bytes(b'garbage')
     (data / 'labelTxt' / 'X3.txt').write_text('')
-    p = subprocess.run([sys.executable, ROOT / 'data.py', 'check', '--data', tmp_path / 'data', '--workers', '1'],
+    p = subprocess.run([sys.executable, ROOT / 'prepare.py', 'check', '--data', tmp_path / 'data', '--workers', '1'],
                        capture_output=True, text=True)
-    assert p.returncode == 1 and 'X2.png: cannot read the image' in p.stdout
+    assert p.returncode == 1 and "X2.png: not an image (the file starts with b'garbage')" in p.stdout
     assert '1 x label file without an image' in p.stdout
