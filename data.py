@@ -361,6 +361,20 @@ class Loader:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def epoch_loader(ds, batch_size, patch_size, workers, seed, epoch, start_batch=0, rank=0, world=1, accum=1):
+    """A Loader of this rank's training batches of one epoch, from `start_batch` on. The order is a fixed permutation
+    of (seed, epoch) cut into global batches of batch_size x world images, rank r taking the r-th slice of each, so
+    one process with batch B x world sees the same global batches as world processes with batch B; only whole
+    optimizer steps (accum batches) are kept. Each image carries a seed for its augmentation fixed by (seed, epoch,
+    index): a resumed or multi-GPU run draws the same crops and flips."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    gb = batch_size * world
+    steps = len(ds) // (gb * accum) * accum
+    mine = [order[k * gb + rank * batch_size + j] for k in range(start_batch, steps) for j in range(batch_size)]
+    keys = [(i, (seed * 1000003 + epoch) * 10000019 + i) for i in mine]
+    return Loader(ds, batch_size, patch_size, workers, keys=keys)
+
+
 def make_loader(root, split, class_names, img_size, batch_size, train, workers, patch_size, rank=0, world=1,
                 flips=True, strict=False):
     ds = DOTADataset(root, split, class_names, img_size, train, strict=strict, flips=flips)

@@ -6,8 +6,11 @@
 The detector (detector.Detector) predicts a box and class scores at every cell of a stride-8 map, turns the top-K
 cells into queries and refines them with a small transformer decoder; training matches each ground-truth box to
 exactly one prediction per stage (detector.MinCostMatcher) and there is no NMS at inference. The model is
-evaluated on the val split every --eval-every epochs (evaluate.run_eval); OUT/best.pt keeps the best mAP50 and
-OUT/last.pt the latest weights. Both hold the model, the args and the class names that evaluate.py needs.
+evaluated on the val split every --eval-every epochs (evaluate.run_eval); the evaluated and saved weights are an
+EMA of the trained ones (--ema). OUT/best.pt keeps the best mAP50; OUT/last.pt, written atomically every
+--save-every steps and at each epoch end, holds everything --resume needs (model, EMA, optimizer, scaler, step,
+position in the epoch, RNG state, best score): a resumed run repeats an uninterrupted one exactly on a CPU. Both
+hold the model, the args and the class names that evaluate.py needs.
 """
 import argparse
 import copy
@@ -21,7 +24,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CLASSES, make_loader, to_input
+import runtime
+from data import CLASSES, DOTADataset, epoch_loader, make_loader, to_input
 from evaluate import run_eval
 from detector import Detector, MinCostMatcher, detector_loss
 from model import PRESETS, build_vit, ema_update, lr_at, param_groups
@@ -80,6 +84,13 @@ def get_parser():
                                                               '(default: %(default)s)')
     ap.add_argument('--conf', type=float, default=0.001, help='score floor at evaluation (default: %(default)s)')
     ap.add_argument('--max-det', type=int, default=1000, help='top-K detections per image (default: %(default)s)')
+    ap.add_argument('--resume', default=None, help="a last.pt to continue from ('auto': OUT/last.pt if it exists); "
+                                                   'pass the same flags as the interrupted run')
+    ap.add_argument('--max-steps', type=int, default=None, help='stop (with a checkpoint) after this many optimizer '
+                                                                'steps; the schedule still spans --epochs')
+    ap.add_argument('--save-every', type=int, default=500, help='also write OUT/last.pt every N steps (default: '
+                                                                '%(default)s)')
+    ap.add_argument('--compile', action='store_true', help='torch.compile the detector (GPU runs)')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
     ap.add_argument('--amp', default='bf16', choices=['bf16', 'fp16', 'off'],
                     help='autocast on CUDA (fp16 adds loss scaling); the CPU runs float32 (default: %(default)s)')
@@ -143,28 +154,25 @@ def shared_centre_share(ds, stride):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    ddp = 'RANK' in os.environ  # started by torchrun: one process per GPU
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    device = torch.device(args.device)
+    ddp, rank, world, device = runtime.start(args.device)  # under torchrun: one process per GPU
     cuda = device.type == 'cuda'
-    if ddp:
-        dist.init_process_group('nccl' if cuda else 'gloo')
-        if cuda:
-            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-            torch.cuda.set_device(device)
     main0 = rank == 0  # prints, evaluates and checkpoints
-    torch.manual_seed(args.seed)  # the same initial weights and the same data order on every rank
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[args.amp] if cuda else None
     model.to(device)
     class_names = CLASSES[args.classes]
     root = resolve_data(args.data)
-    train_loader = make_loader(root, 'train', class_names, args.img_size, args.batch_size, True, args.workers,
-                               args.patch_size, rank, world, flips=not args.no_flips, strict=args.strict)
+    ds = DOTADataset(root, 'train', class_names, args.img_size, train=True, strict=args.strict,
+                     flips=not args.no_flips)
     val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size,
                              strict=args.strict)
-    most = max((len(t['boxes']) for t in train_loader.dataset.targets), default=0)
+    steps_per_epoch = len(ds) // (args.batch_size * world)
+    if steps_per_epoch == 0:
+        raise SystemExit(f'{len(ds)} training images are fewer than one step: --batch-size x GPUs = '
+                         f'{args.batch_size * world}')
+    most = max((len(t['boxes']) for t in ds.targets), default=0)
     args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))  # no weights depend on K
 
     if args.freeze_backbone:
@@ -172,25 +180,48 @@ def main(argv=None):
     opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay), args.weight_decay), lr=args.lr)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     matcher = MinCostMatcher(method=args.matcher)
-    fwd = DDP(model, device_ids=[device] if cuda else None) if ddp else model
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None  # what is evaluated and saved
     final = ema or model
+    total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    best, step, start_epoch, start_batch = -1.0, 0, 0, 0
+    os.makedirs(args.out, exist_ok=True)
+    last = os.path.join(args.out, 'last.pt')
+    if args.resume == 'auto':
+        args.resume = last if os.path.exists(last) else None
+    if args.resume:
+        ck = torch.load(args.resume, map_location='cpu', weights_only=True)  # tensors and plain types only
+        model.load_state_dict(ck.get('train_model', ck['model']))
+        if ema is not None:
+            ema.load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer'])
+        scaler.load_state_dict(ck['scaler'])
+        step, start_epoch, start_batch, best = ck['step'], ck['epoch'], ck['batch'], ck['best']
+        runtime.set_rng_state(ck['rng'])
+    fwd = DDP(model, device_ids=[device] if cuda else None) if ddp else model
+    fwd = torch.compile(fwd) if args.compile else fwd
     say = print if main0 else (lambda *a, **k: None)
     say(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
         f'stride {model.stride}, {args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
-        f'a training image: {most}), {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, '
-        f'{world} process(es)')
+        f'a training image: {most}), {len(ds)} train / {len(val_loader.dataset)} val images, {world} process(es)')
     for s in sorted({16, model.stride}, reverse=True):  # how often the one-cell-one-object assumption breaks
-        say(f'GT whose centre cell at stride {s} holds another GT centre: '
-            f'{shared_centre_share(train_loader.dataset, s):.1%}')
+        say(f'GT whose centre cell at stride {s} holds another GT centre: {shared_centre_share(ds, s):.1%}')
+    if args.resume:
+        say(f'resumed from {args.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}')
 
-    total, warmup = args.epochs * len(train_loader), int(args.warmup_epochs * len(train_loader))
-    os.makedirs(args.out, exist_ok=True)
-    best, step, t_start = -1.0, 0, time.time()
-    for epoch in range(args.epochs):
+    def checkpoint(epoch, batch):
+        """OUT/last.pt: everything a resume needs; 'model' holds the evaluated weights (the EMA when on)."""
+        extra = {'train_model': model.state_dict()} if ema is not None else {}
+        runtime.save(last, {'model': final.state_dict(), **extra, 'optimizer': opt.state_dict(),
+                            'scaler': scaler.state_dict(), 'step': step, 'epoch': epoch, 'batch': batch, 'best': best,
+                            'rng': runtime.rng_state(), 'args': vars(args), 'class_names': class_names})
+
+    t_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
         model.train()
-        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True, disable=not main0)
-        diag = {'iou': [], 'above_0.3_per_gt': []}
+        first = start_batch if epoch == start_epoch else 0
+        loader = epoch_loader(ds, args.batch_size, args.patch_size, args.workers, args.seed, epoch, first, rank, world)
+        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True, disable=not main0)
+        diag, batch = {'iou': [], 'above_0.3_per_gt': []}, first
         for images, targets in bar:
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
@@ -203,8 +234,9 @@ def main(argv=None):
                 out = fwd(to_input(images, targets, device))
                 loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss, num_gt=n_gt)
             loss_value = loss.item()  # one host sync per step: check and progress bar
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f'loss is {loss_value} at step {step}; lower --lr or use --amp bf16')
+            if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
+                raise FloatingPointError(f'loss is {loss_value} at step {step}; {last} holds the last good state. '
+                                         f'Lower --lr, or use --amp bf16 instead of fp16.')
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad > 0:
@@ -212,31 +244,38 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(opt)
             scaler.update()
-            step += 1
+            step, batch = step + 1, batch + 1
             if ema is not None:
                 ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
             for k in diag:
                 diag[k].append(parts.pop(k))
             bar.set_postfix(loss=f'{loss_value:.3f}', **{k: f'{v:.3f}' for k, v in parts.items()})
-        say(f'epoch {epoch + 1}: mean IoU of matched pairs {np.mean(diag["iou"]):.3f}, predictions above 0.3 per GT '
-            f'{np.mean(diag["above_0.3_per_gt"]):.2f}' + (' (rank 0)' if ddp else ''))
+            if main0 and (step % args.save_every == 0 or step == args.max_steps):
+                checkpoint(epoch, batch)
+            if step == args.max_steps:
+                break
+        if step == args.max_steps:
+            say(f'stopped at --max-steps {step}; continue with --resume {last}')
+            break
+        if diag['iou']:
+            say(f'epoch {epoch + 1}: mean IoU of matched pairs {np.mean(diag["iou"]):.3f}, predictions above 0.3 per '
+                f'GT {np.mean(diag["above_0.3_per_gt"]):.2f}' + (' (rank 0)' if ddp else ''))
         if not main0:
             continue
-        ckpt = {'model': final.state_dict(), 'args': vars(args), 'class_names': class_names, 'epoch': epoch + 1}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             res, table = run_eval(final, val_loader, class_names, device, args.conf, args.max_det, args.out)
             has = res['n_gt'] > 0
             map50 = float(res['ap'][has, 0].mean()) if has.any() else 0.0
             print(f'epoch {epoch + 1} ({time.time() - t_start:.0f} s)\n{table}')
-            ckpt['map50'] = map50
             if map50 > best:
                 best = map50
-                torch.save(ckpt, os.path.join(args.out, 'best.pt'))
-        torch.save(ckpt, os.path.join(args.out, 'last.pt'))
-    say(f'best val mAP50 {best:.3f}; saved {args.out}/best.pt and {args.out}/last.pt')
-    if ddp:  # leave together: a rank that tears gloo down while rank 0 still saves can abort at exit
-        dist.barrier()
-        dist.destroy_process_group()
+                runtime.save(os.path.join(args.out, 'best.pt'), {'model': final.state_dict(), 'args': vars(args),
+                                                                 'class_names': class_names, 'epoch': epoch + 1,
+                                                                 'map50': map50})
+        checkpoint(epoch + 1, 0)
+    else:
+        say(f'best val mAP50 {best:.3f}; saved {args.out}/best.pt and {last}')
+    runtime.stop(ddp)
 
 
 if __name__ == '__main__':

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CLASSES, DOTADataset, Loader, to_input
+import runtime
+from data import CLASSES, DOTADataset, epoch_loader, to_input
 from prepare import resolve_data
 from masking import MODES, make_masks
 from model import PRESETS, Predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
@@ -134,36 +135,10 @@ def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='la
     return (per * w).sum() / w.sum().clamp(min=1), stats
 
 
-def epoch_loader(ds, args, epoch, start_batch, rank=0, world=1):
-    """This rank's batches of the epoch from `start_batch` on. The order is a fixed permutation of (seed, epoch)
-    cut into global batches of batch_size x world images, rank r taking the r-th slice of each, so one process
-    with batch B x world sees the same global batches as world processes with batch B. Each image also carries
-    a seed for its augmentation, fixed by (seed, epoch, index): a resumed or multi-GPU run draws the same crops."""
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)).tolist()
-    gb = args.batch_size * world
-    steps = len(ds) // (gb * args.accum) * args.accum  # whole optimizer steps only
-    mine = [order[k * gb + rank * args.batch_size + j]
-            for k in range(start_batch, steps) for j in range(args.batch_size)]
-    keys = [(i, (args.seed * 1000003 + epoch) * 10000019 + i) for i in mine]
-    return Loader(ds, args.batch_size, args.patch_size, args.workers, keys=keys)
-
-
-def save(path, state):
-    torch.save(state, f'{path}.tmp')
-    os.replace(f'{path}.tmp', path)  # a crash while writing never leaves a half-written checkpoint
-
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    ddp = 'RANK' in os.environ  # started by torchrun: one process per GPU
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    device = torch.device(args.device)
+    ddp, rank, world, device = runtime.start(args.device)  # under torchrun: one process per GPU
     cuda = device.type == 'cuda'
-    if ddp:
-        dist.init_process_group('nccl' if cuda else 'gloo')
-        if cuda:
-            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-            torch.cuda.set_device(device)
     main0 = rank == 0  # prints, logs and checkpoints
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -198,10 +173,7 @@ def main(argv=None):
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler'])
         step, start_epoch, start_batch = ck['step'], ck['epoch'], ck['batch']
-        torch.set_rng_state(ck['rng']['torch'])
-        gen.set_state(ck['rng']['mask'])
-        if cuda and 'cuda' in ck['rng']:
-            torch.cuda.set_rng_state(ck['rng']['cuda'])
+        runtime.set_rng_state(ck['rng'], mask=gen)
         if main0:
             print(f'resumed from {args.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}')
     model = DDP(student, device_ids=[device] if cuda else None) if ddp else student
@@ -214,18 +186,17 @@ def main(argv=None):
     def checkpoint(epoch, batch):
         if not main0:
             return
-        rng = {'torch': torch.get_rng_state(), 'mask': gen.get_state()}
-        if cuda:
-            rng['cuda'] = torch.cuda.get_rng_state()
-        save(last, {'context': context.state_dict(), 'target': target.state_dict(),
+        runtime.save(last, {'context': context.state_dict(), 'target': target.state_dict(),
                     'predictor': predictor.state_dict(), 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
-                    'step': step, 'epoch': epoch, 'batch': batch, 'rng': rng, 'args': vars(args)})
+                    'step': step, 'epoch': epoch, 'batch': batch, 'rng': runtime.rng_state(mask=gen),
+                    'args': vars(args)})
 
     log = open(os.path.join(args.out, 'log.jsonl'), 'a') if main0 else None
     for epoch in range(start_epoch, args.epochs):
         student.train()
         first = start_batch if epoch == start_epoch else 0
-        loader = epoch_loader(ds, args, epoch, first, rank, world)
+        loader = epoch_loader(ds, args.batch_size, args.patch_size, args.workers, args.seed, epoch, first, rank,
+                              world, args.accum)
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True, disable=not main0)
         t0, seen, loss_sum, batch = time.time(), 0, 0.0, first
         for images, targets in bar:
@@ -295,9 +266,7 @@ def main(argv=None):
     if main0:
         log.close()
         print(f'saved {last}')
-    if ddp:  # leave together: a rank that tears gloo down while rank 0 still saves can abort at exit
-        dist.barrier()
-        dist.destroy_process_group()
+    runtime.stop(ddp)
 
 
 if __name__ == '__main__':

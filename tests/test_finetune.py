@@ -120,3 +120,29 @@ def test_the_saved_detector_is_the_ema_of_the_trained_weights(tmp_path):
         saved[ema] = torch.load(tmp_path / ema / 'last.pt', weights_only=True)['model']
     dist = {k: sum((v.float() - init[n].float()).norm() ** 2 for n, v in w.items()) ** 0.5 for k, w in saved.items()}
     assert 0 < dist['0.9'] < dist['0']
+
+
+def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_path, capsys):
+    from finetune import main
+    make_synthetic(tmp_path / 'synth', n_train=16, n_val=4, size=32, seed=0)
+    # mini, not test: 4 blocks, so stochastic depth draws random numbers (block i drops with 0.2 i / 3)
+    flags = ['--ckpt', 'none', '--model', 'mini', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
+             '--img-size', '32', '--batch-size', '4', '--epochs', '2', '--eval-every', '1', '--head-dim', '32',
+             '--workers', '2', '--device', 'cpu', '--lr', '1e-3', '--drop-path', '0.2']
+
+    def final_table(out):
+        return out[out.rindex('epoch 2 ('):].split('\n', 1)[1].split('; saved')[0]  # no time, no paths
+    main(flags + ['--out', str(tmp_path / 'full')])
+    full = capsys.readouterr().out
+    main(flags + ['--out', str(tmp_path / 'part'), '--max-steps', '3'])  # stops inside epoch 1 (4 steps each)
+    assert 'stopped at --max-steps 3' in capsys.readouterr().out
+    ck = torch.load(tmp_path / 'part' / 'last.pt', weights_only=True)
+    assert (ck['step'], ck['epoch'], ck['batch']) == (3, 0, 3) and 'train_model' in ck
+    main(flags + ['--out', str(tmp_path / 'part'), '--resume', 'auto'])
+    rest = capsys.readouterr().out
+    assert 'resumed from' in rest and 'epoch 1, batch 3, step 3' in rest
+    assert final_table(rest) == final_table(full) and 'All' in final_table(full)
+    a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True) for d in ('full', 'part'))
+    assert a['step'] == b['step'] == 8
+    for k in ('model', 'train_model'):
+        assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])  # exact, not approximately

@@ -1,0 +1,54 @@
+"""What both training scripts need around their loop: DDP start and stop under torchrun, atomic checkpoints, and the
+random-number state a checkpoint carries so that a resumed run repeats an uninterrupted one exactly (on a CPU).
+
+    ddp, rank, world, device = start(args.device)
+    ...
+    stop(ddp)
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def start(device_name):
+    """-> (ddp, rank, world, device). Under torchrun (RANK is set) one process per GPU joins the process group:
+    NCCL on CUDA, gloo on the CPU; without it, one process."""
+    ddp = 'RANK' in os.environ
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    device = torch.device(device_name)
+    if ddp:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(device)
+    return ddp, rank, world, device
+
+
+def stop(ddp):
+    """Leave together: a rank that tears gloo down while rank 0 still saves can abort at exit."""
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def save(path, state):
+    """torch.save to a temporary name, then rename: a crash while writing never leaves a half-written file."""
+    torch.save(state, f'{path}.tmp')
+    os.replace(f'{path}.tmp', path)
+
+
+def rng_state(**generators):
+    """The torch CPU (and CUDA) RNG states plus those of named torch.Generators, for a checkpoint."""
+    state = {'torch': torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, **generators):
+    torch.set_rng_state(state['torch'])
+    for k, g in generators.items():
+        g.set_state(state[k])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
