@@ -280,8 +280,8 @@ def get_parser():
                     'DOTA task-2 number (default: dota with --merge, coco otherwise)')
     ap.add_argument('--sizes', action='store_true', help='also print AP by object size (coco protocol)')
     ap.add_argument('--merge', action='store_true', help='model mode: map tile detections to full images (tile names '
-                    '<id>__<rate>__<left>___<top>), NMS across seams, evaluate against --labels, write '
-                    'submission files')
+                    '<id>__<rate>__<left>___<top>), NMS across seams, write submission files and, with --labels, '
+                    'evaluate against them')
     ap.add_argument('--nms-iou', type=float, default=0.5, help='IoU above which --merge drops the lower-scored of '
                                                                'two same-class boxes (default: %(default)s)')
     ap.add_argument('--classes', default=None, choices=list(CLASSES), help="class list; default: the checkpoint's "
@@ -335,11 +335,14 @@ def main(argv=None):
         out = Path(args.out or Path(args.ckpt).parent)
         out.mkdir(parents=True, exist_ok=True)
         if args.merge:
-            if not args.labels:
-                raise SystemExit('--merge needs --labels (the labelTxt folder of the full images)')
             tile_dets = {t['name']: d for _, targets, dets in predict(model, loader, device, args.conf, args.max_det)
                          for t, d in zip(targets, dets)}
             merged = merge_tiles(tile_dets, args.nms_iou)
+            if not args.labels:  # the test split: files for the evaluation server, nothing to score here
+                write_submission(out / 'submission', merged, class_names)
+                print(f'{len(merged)} images; submission files (no --labels, so no score): '
+                      f'{out / "submission"}/Task2_<class>.txt')
+                return
             gts = read_labels(args.labels, class_names)
             missing = sorted(set(merged) - set(gts))
             if missing:

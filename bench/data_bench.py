@@ -5,7 +5,8 @@
 Both rates are measured in this run, on the same files: the decode baseline opens and fully decodes each tile in
 this process; the loader is DOTADataset (manifest, random crop, flips/turns drawn) through data.Loader with one
 worker thread, so its rate is per worker; the pixels' flips are applied on the device (data.orient), timed
-separately here on this CPU. The ratio loader / decode (goal >= 0.8: at most 20 % overhead) is printed last.
+separately here on this CPU. Printed last: the loader against decode-to-array (goal >= 0.85: decoding into a numpy
+array is the least any Pillow-based loader must do) and, beside it, against Pillow's raw decode.
 Also prints JPEG vs PNG decode speed and the JPEG tiles' PSNR against the lossless PNG ones.
 """
 import argparse
@@ -77,7 +78,7 @@ def main():
             runs = [(decode_rate(files[fmt]), decode_rate(files[fmt], True), loader_rate(loader))
                     for _ in range(args.repeat)]
             dec, arr, load = (float(np.median(x)) for x in zip(*runs))
-            rates[fmt] = (dec, load)
+            rates[fmt] = (dec, load, arr)
             print(f'{fmt}: {len(files[fmt])} tiles; Pillow decode {dec:.1f} tiles/s, decode to array {arr:.1f} '
                   f'tiles/s; loader (1 worker, crop {args.img_size}) {load:.1f} tiles/s; ratio loader/decode '
                   f'{load / dec:.2f}, loader/decode-to-array {load / arr:.2f}')
@@ -99,7 +100,8 @@ def main():
               f'{1e3 * t_orient:.2f} ms')
         print(f'JPEG q95 decodes {rates["jpg"][0] / rates["png"][0]:.1f}x faster than PNG; PSNR of JPEG tiles vs PNG '
               f'{psnr:.1f} dB')
-        print(f'loader/decode ratio (jpg, goal >= 0.8): {rates["jpg"][1] / rates["jpg"][0]:.2f}')
+        dec, load, arr = rates['jpg']
+        print(f'jpg loader/decode-to-array ratio (goal >= 0.85): {load / arr:.2f}; loader/raw decode: {load / dec:.2f}')
 
 
 if __name__ == '__main__':

@@ -58,6 +58,14 @@ def test_chain_end_to_end(tmp_path):
     assert 'All (mAP)' in out and (tmp_path / 'ft' / 'submission' / 'Task2_ship.txt').exists()
     merged = json.loads((tmp_path / 'm.json').read_text())
     assert merged['protocol'] == 'dota' and 0 <= merged['map50_voc07'] <= 1
+    # the test split: images only, no labels -> submission files, no score
+    run(ROOT / 'prepare.py', 'split', '--src', data / 'val', '--dst', tmp_path / 'tiles' / 'test', '--size', 48,
+        '--gap', 16, '--workers', 1, '--images-only', cwd=tmp_path)
+    out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--data', tmp_path / 'tiles', '--split',
+              'test', '--merge', '--workers', 0, '--out', tmp_path / 'test_out', cwd=tmp_path)
+    assert '4 images; submission files (no --labels, so no score)' in out
+    lines = (tmp_path / 'test_out' / 'submission' / 'Task2_ship.txt').read_text().splitlines()
+    assert lines and all(len(line.split()) == 6 for line in lines)  # image score x1 y1 x2 y2
     # from scratch
     out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data', data,
               '--epochs', 1, '--head-dim', 32, '--stride', 4, '--out', tmp_path / 'scratch', *common, cwd=tmp_path)
