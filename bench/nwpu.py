@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import ROOT, print_table, run  # noqa: E402
+from ablation import RECIPE, ROOT, print_table, run  # noqa: E402
 
 PRETRAIN = {'jepa-object': ['--mask', 'object'], 'jepa-random': ['--mask', 'random'],
             'pixels-random': ['--mask', 'random', '--target', 'pixels']}
@@ -93,8 +93,8 @@ def main():
             minutes, ckpt, epochs = pre_minutes[source], pre / 'last.pt', ft_epochs
         size = ['--model', args.model, '--patch-size', args.patch_size] if ckpt == 'none' else []
         minutes += run(row / 'finetune.log', 'finetune.py', '--ckpt', ckpt, *size, *common, *frozen, '--img-size',
-                       args.img_size, '--epochs', epochs, '--batch-size', 8, '--eval-every', 2,
-                       *args.finetune_args.split(), '--out', row / 'finetune') / 60
+                       args.img_size, '--epochs', epochs, '--batch-size', 8, *RECIPE, '--num-queries', 300,
+                       '--eval-every', 2, *args.finetune_args.split(), '--out', row / 'finetune') / 60
         run(row / 'evaluate.log', 'evaluate.py', '--ckpt', row / 'finetune' / 'best.pt', '--device', 'cpu',
             '--workers', 2, '--sizes', '--json', row / 'eval.json')
         results[name] = (json.loads((row / 'eval.json').read_text()), minutes)

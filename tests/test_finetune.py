@@ -128,7 +128,7 @@ def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_p
     # mini, not test: 4 blocks, so stochastic depth draws random numbers (block i drops with 0.2 i / 3)
     flags = ['--ckpt', 'none', '--model', 'mini', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
              '--img-size', '32', '--batch-size', '4', '--epochs', '2', '--eval-every', '1', '--head-dim', '32',
-             '--workers', '2', '--device', 'cpu', '--lr', '1e-3', '--drop-path', '0.2']
+             '--workers', '2', '--device', 'cpu', '--lr', '1e-3', '--drop-path', '0.2', '--ema', '0.99']
 
     def final_table(out):
         return out[out.rindex('epoch 2 ('):].split('\n', 1)[1].split('; saved')[0]  # no time, no paths
