@@ -185,12 +185,8 @@ def main(argv=None):
     final = ema or model
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     best, step, start_epoch, start_batch = -1.0, 0, 0, 0
-    os.makedirs(args.out, exist_ok=True)
-    last = os.path.join(args.out, 'last.pt')
-    if args.resume == 'auto':
-        args.resume = last if os.path.exists(last) else None
-    if args.resume:
-        ck = torch.load(args.resume, map_location='cpu', weights_only=True)  # tensors and plain types only
+    last, args.resume, ck = runtime.resume_point(args.out, args.resume)
+    if ck is not None:
         model.load_state_dict(ck.get('train_model', ck['model']))
         if ema is not None:
             ema.load_state_dict(ck['model'])

@@ -161,12 +161,8 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)  # masks: drawn on the CPU for the global batch (masking._rand)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     step, start_epoch, start_batch = 0, 0, 0
-    os.makedirs(args.out, exist_ok=True)
-    last = os.path.join(args.out, 'last.pt')
-    if args.resume == 'auto':
-        args.resume = last if os.path.exists(last) else None
-    if args.resume:
-        ck = torch.load(args.resume, map_location='cpu', weights_only=True)  # tensors and plain types only
+    last, args.resume, ck = runtime.resume_point(args.out, args.resume)
+    if ck is not None:
         context.load_state_dict(ck['context'])
         target.load_state_dict(ck['target'])
         predictor.load_state_dict(ck['predictor'])

@@ -38,6 +38,15 @@ def save(path, state):
     os.replace(f'{path}.tmp', path)
 
 
+def resume_point(out, resume):
+    """Create OUT; -> (OUT/last.pt, the path to continue from or None, its checkpoint or None). resume: None, a path,
+    or 'auto' (OUT/last.pt if it exists). Loaded with weights_only=True: tensors and plain types, never code."""
+    os.makedirs(out, exist_ok=True)
+    last = os.path.join(out, 'last.pt')
+    path = (last if os.path.exists(last) else None) if resume == 'auto' else resume
+    return last, path, (torch.load(path, map_location='cpu', weights_only=True) if path else None)
+
+
 def rng_state(**generators):
     """The torch CPU (and CUDA) RNG states plus those of named torch.Generators, for a checkpoint."""
     state = {'torch': torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
