@@ -120,7 +120,9 @@ class Student(nn.Module):
 
 def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse', patch_size=16):
     """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt); weight (B, Nt) or None (all hidden patches count).
-    -> (loss, stats dict of detached tensors: target and prediction std across tokens)."""
+    -> (loss, stats dict of detached tensors: target and prediction std across tokens, and mean_baseline: the loss
+    that predicting each image's mean target at every hidden position would get; a loss not below it has learned
+    nothing about *where* what is)."""
     with torch.no_grad():
         if target_kind == 'latent':
             h = target(x)  # (B, N, D): the full image
@@ -131,7 +133,8 @@ def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='la
     pred = student(x, ctx_idx, tgt_idx).float()  # (B, Nt, D)
     per = (F.mse_loss if loss == 'mse' else F.smooth_l1_loss)(pred, h, reduction='none').mean(-1)  # (B, Nt)
     w = torch.ones_like(per) if weight is None else weight.to(per.dtype)
-    stats = {'target_std': h.std(1).mean().detach(), 'pred_std': pred.std(1).mean().detach()}
+    stats = {'target_std': h.std(1).mean().detach(), 'pred_std': pred.std(1).mean().detach(),
+             'mean_baseline': (h - h.mean(1, keepdim=True)).pow(2).mean().detach()}
     return (per * w).sum() / w.sum().clamp(min=1), stats
 
 
@@ -257,7 +260,8 @@ def main(argv=None):
             break
         if seen and main0:
             print(f'epoch {epoch + 1}: loss {loss_sum * args.batch_size / seen:.4f}, target std across tokens '
-                  f'{stats["target_std"].item():.3f}, {seen * world / (time.time() - t0):.1f} img/s')
+                  f'{stats["target_std"].item():.3f}, predicting the mean target would give '
+                  f'{stats["mean_baseline"].item():.4f} (last batch), {seen * world / (time.time() - t0):.1f} img/s')
         checkpoint(epoch + 1, 0)
     if main0:
         log.close()

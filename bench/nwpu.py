@@ -58,7 +58,7 @@ def main():
     ap.add_argument('--model', default='mini', help='ViT preset (default: %(default)s)')
     ap.add_argument('--patch-size', type=int, default=16, help='patch size (default: %(default)s)')
     ap.add_argument('--img-size', type=int, default=512, help='training crop side (default: %(default)s)')
-    ap.add_argument('--epochs', type=int, default=18, help='the budget, in fine-tuning epochs (default: %(default)s)')
+    ap.add_argument('--epochs', type=int, default=20, help='the budget, in fine-tuning epochs (default: %(default)s)')
     ap.add_argument('--pretrain-epochs', type=int, default=12, help='pretraining epochs of the pretrained rows '
                                                                     '(default: %(default)s)')
     ap.add_argument('--pretrain-batch-size', type=int, default=32, help='pretraining batch (default: %(default)s)')

@@ -35,7 +35,8 @@ def test_every_strategy_runs_and_logs(synth, tmp_path, flags):
     log = run(synth, tmp_path, *flags)
     steps = 8 // (2 if '--accum' in flags else 1)
     assert [r['step'] for r in log] == list(range(1, steps + 1))
-    assert all(set(r) >= {'loss', 'lr', 'weight_decay', 'momentum', 'target_std', 'pred_std'} for r in log)
+    assert all(set(r) >= {'loss', 'lr', 'weight_decay', 'momentum', 'target_std', 'pred_std', 'mean_baseline'}
+               for r in log)
     assert log[0]['weight_decay'] == pytest.approx(0.04) and log[-1]['weight_decay'] > 0.3  # cosine 0.04 -> 0.4
     ck = torch.load(tmp_path / 'last.pt', weights_only=True)
     assert ck['step'] == steps and ck['epoch'] == 2
@@ -117,3 +118,20 @@ def test_two_processes_give_the_loss_of_one_with_the_same_global_batch(synth, tm
     for a, b in zip(one, two):
         assert a['loss'] == pytest.approx(b['loss'], abs=1e-5)
     assert '2 process(es)' in p.stdout
+
+
+def test_mean_baseline_is_the_loss_of_predicting_each_images_mean_target():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    target = build_vit('test', 8)
+    x = torch.randn(2, 3, 32, 32)
+    ctx, tgt = torch.tensor([[0, 1], [3, 4]]), torch.tensor([[5, 7, 9], [2, 11, 15]])
+
+    def mean_student(x, ctx_idx, tgt_idx):  # the per-image mean of the layer-normed targets, at every position
+        h = F.layer_norm(target(x), (target.dim,))
+        h = h.gather(1, tgt_idx[..., None].expand(-1, -1, h.shape[-1]))
+        return h.mean(1, keepdim=True).expand_as(h)
+    with torch.no_grad():
+        loss, stats = pretrain.jepa_loss(mean_student, target, x, ctx, tgt)
+        worse, _ = pretrain.jepa_loss(lambda *a: mean_student(*a) + 0.1, target, x, ctx, tgt)
+    assert loss.item() == pytest.approx(stats['mean_baseline'].item(), rel=1e-5) and worse > loss
