@@ -174,7 +174,8 @@ def main(argv=None):
         raise SystemExit(f'{len(ds)} training images are fewer than one step: --batch-size x GPUs = '
                          f'{args.batch_size * world}')
     most = max((len(t['boxes']) for t in ds.targets), default=0)
-    args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))  # no weights depend on K
+    # K: no weights depend on it, so it can follow the data
+    args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))
 
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)  # param_groups skips frozen parameters

@@ -295,31 +295,33 @@ FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG', '.tif': 'TIFF', '.tif
 
 
 def inspect_image(path):
-    """Open and fully decode one file of images/. -> (error or None, note or None): the error says why it cannot be
-    read (a directory, missing, zero bytes, no permission, not an image, truncated or corrupt); the note flags a
-    readable file whose extension does not match its content (Pillow reads it anyway; other tools may not)."""
+    """Open and fully decode one file of images/, once. -> (error or None, note or None, (w, h) or None): the error
+    says why it cannot be read (a directory, missing, zero bytes, no permission, not an image, truncated or corrupt);
+    the note flags a readable file whose extension does not match its content (Pillow reads it anyway; other tools
+    may not)."""
     path = Path(path)
     try:
         if path.is_dir():
-            return f'{path}: a directory where an image file should be', None
+            return f'{path}: a directory where an image file should be', None, None
         if path.stat().st_size == 0:
-            return f'{path}: zero bytes, not an image', None
-        with Image.open(path) as im:
-            fmt = im.format
+            return f'{path}: zero bytes, not an image', None, None
+        im = Image.open(path)
     except UnidentifiedImageError:
         with open(path, 'rb') as f:
             head = f.read(8)
-        return f'{path}: not an image (the file starts with {head!r})', None
+        return f'{path}: not an image (the file starts with {head!r})', None, None
     except PermissionError:
-        return f'{path}: cannot be opened: permission denied', None
+        return f'{path}: cannot be opened: permission denied', None, None
     except OSError as e:  # a dangling link, an I/O error
-        return f'{path}: cannot be opened ({e.strerror or e})', None
-    try:
-        read_image(path)  # the full decode: a truncated or corrupt file fails only here
-    except ValueError as e:
-        return str(e), None
-    expected = FORMATS.get(path.suffix.lower())
-    return None, (None if fmt == expected else f'{path}: {fmt} data in a {path.suffix} file')
+        return f'{path}: cannot be opened ({e.strerror or e})', None, None
+    with im:
+        try:
+            im.load()  # the full decode: a truncated or corrupt file fails only here
+        except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for them (as data.read_image)
+            return f'{path}: cannot read the image ({e})', None, None
+        fmt, size = im.format, im.size
+    note = None if fmt == FORMATS.get(path.suffix.lower()) else f'{path}: {fmt} data in a {path.suffix} file'
+    return None, note, size
 
 
 def check(root, class_names, workers=4, strict=False):
@@ -340,24 +342,23 @@ def check(root, class_names, workers=4, strict=False):
                 problems.add('file without an image extension in images/ (skipped)', str(p))
         with Pool(workers) as pool:
             found = pool.map(inspect_image, images, chunksize=16)
-        readable = []
-        for p, (error, note) in zip(images, found):
+        readable = {}  # image -> (w, h)
+        for p, (error, note, size) in zip(images, found):
             if error:
                 errors.append(error)
             else:
-                readable.append(p)
+                readable[p] = size
             if note:
                 problems.add('extension does not match the content (read anyway)', note)
         labels = {p.stem: p for p in (split_dir / 'labelTxt').glob('*.txt')}
         for stem in sorted(set(labels) - {p.stem for p in images}):
             problems.add('label file without an image (skipped)', str(labels[stem]))
         counts, sizes, most, n_obj = np.zeros(len(class_names), int), [], (0, ''), 0
-        for p in readable:
+        for p, (w, h) in readable.items():
             if p.stem not in labels:
                 problems.add('image without a label file (no objects)', str(p))
                 continue
             try:
-                w, h = read_image(p, header_only=True)
                 boxes, lab, _ = load_labels(labels[p.stem], class_names, w, h, problems)
             except (LabelError, ValueError) as e:
                 errors.append(str(e))

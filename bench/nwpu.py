@@ -1,6 +1,6 @@
 """Real aerial images the detector never trains on: NWPU VHR-10 at half resolution, rows at equal budgets.
 
-    python bench/nwpu.py                                   # scratch vs jepa-object, ~45 min on 2 CPU cores
+    python bench/nwpu.py                                   # scratch vs jepa-object, 35 min on 2 CPU cores
     python bench/nwpu.py --rows scratch-frozen,jepa-object-frozen
     python bench/nwpu.py --rows all --out runs/nwpu
 
@@ -88,8 +88,9 @@ def main():
             if source not in pre_minutes:  # the frozen row reuses the unfrozen row's pretraining (and its time)
                 pre_minutes[source] = run(out / source / 'pretrain.log', 'pretrain.py', *common, '--model',
                                           args.model, '--patch-size', args.patch_size, '--img-size', args.img_size,
-                                          *PRETRAIN[source], '--epochs', args.pretrain_epochs, '--batch-size', args.pretrain_batch_size,
-                                          '--lr', 1e-3, '--warmup-epochs', 1, '--out', pre) / 60
+                                          *PRETRAIN[source], '--epochs', args.pretrain_epochs, '--batch-size',
+                                          args.pretrain_batch_size, '--lr', 1e-3, '--warmup-epochs', 1,
+                                          '--out', pre) / 60
             minutes, ckpt, epochs = pre_minutes[source], pre / 'last.pt', ft_epochs
         size = ['--model', args.model, '--patch-size', args.patch_size] if ckpt == 'none' else []
         minutes += run(row / 'finetune.log', 'finetune.py', '--ckpt', ckpt, *size, *common, *frozen, '--img-size',

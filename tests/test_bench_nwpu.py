@@ -13,8 +13,8 @@ from prepare import make_synthetic
 def test_every_kind_of_row_runs_and_leaves_a_checkpoint_and_a_table(tmp_path):
     make_synthetic(tmp_path / 'src', n_train=8, n_val=2, size=128, seed=0)
     rows = 'scratch,jepa-object,jepa-object-frozen,pixels-random'
-    p = subprocess.run([sys.executable, ROOT / 'bench' / 'nwpu.py', '--src', tmp_path / 'src', '--out', tmp_path / 'out',
-                        '--rows', rows, '--model', 'test', '--patch-size', '8', '--img-size', '64', '--epochs', '3',
+    p = subprocess.run([sys.executable, ROOT / 'bench' / 'nwpu.py', '--src', tmp_path / 'src',
+                        '--out', tmp_path / 'out', '--rows', rows, '--model', 'test', '--patch-size', '8', '--img-size', '64', '--epochs', '3',
                         '--pretrain-epochs', '2', '--pretrain-batch-size', '4', '--finetune-args',
                         '--head-dim 32 --batch-size 4 --eval-every 1'], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
