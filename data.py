@@ -6,12 +6,15 @@ training reads, and it imports nothing of prepare.py.
 Layout read everywhere:  ROOT/{train,val}/images/*.png|jpg|tif  and  ROOT/{train,val}/labelTxt/*.txt, or a
 ROOT/{train,val}/manifest.json written by `split`. A label line is `x1 y1 x2 y2 x3 y3 x4 y4 class [difficult]` (a
 polygon, pixels), optionally after the header lines `imagesource:...` and `gsd:...`. Polygons become axis-aligned
-boxes x1 y1 x2 y2 clipped to the image. Malformed lines are errors naming the file and line; repaired or skipped
-objects and files are counted (Problems) and reported, and --strict makes them errors.
+boxes x1 y1 x2 y2 clipped to the image (boxes='hbb', DOTA task 2) or, with boxes='obb' (task 1), the minimum-area
+rectangles (cx, cy, w, h, theta) of their parts inside the image (obb.py states the convention).
+Malformed lines are errors naming the file and line; repaired or skipped objects and files are counted (Problems)
+and reported, and --strict makes them errors.
 Images stay uint8 until `to_input` turns a batch into normalized floats on the device (4x fewer bytes to copy).
 """
 import itertools
 import json
+import math
 import re
 import warnings
 from collections import Counter, deque
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from obb import clip_to_rect, obb_to_poly, poly_to_obb, polygon_area, wrap_angle
 
 DOTA_V1 = ['plane', 'baseball-diamond', 'bridge', 'ground-track-field', 'small-vehicle', 'large-vehicle', 'ship',
            'tennis-court', 'basketball-court', 'storage-tank', 'soccer-ball-field', 'roundabout', 'harbor',
@@ -106,26 +111,24 @@ def parse_label_file(path, class_names):
             np.asarray(difficult, np.int64), np.asarray(linenos, np.int64))
 
 
-def polygon_area(pts):
-    """Shoelace area of polygons (n, K, 2) -> (n,)."""
-    x, y = pts[..., 0], pts[..., 1]
-    return 0.5 * np.abs((x * np.roll(y, -1, -1) - np.roll(x, -1, -1) * y).sum(-1))
-
-
-def load_labels(path, class_names, width, height, problems, as_polygons=False):
+def load_labels(path, class_names, width, height, problems, kind='hbb'):
     """Parse a label file for a width x height image. Zero-area polygons are dropped and objects reaching outside
-    the image are clipped, each counted in `problems` with its file and line.
-    -> boxes (n, 4) float32 xyxy (or the polygons (n, 8) if as_polygons), labels (n,) int64, difficult (n,) int64."""
+    the image are clipped, each counted in `problems` with its file and line. -> boxes, labels (n,) int64,
+    difficult (n,) int64, with boxes by kind: 'hbb' (n, 4) float32 xyxy; 'obb' (n, 5) float32, the minimum-area
+    rectangle of the polygon's part inside the image; 'poly' the polygons (n, 8) as written, unclipped."""
     polys, labels, difficult, linenos = parse_label_file(path, class_names)
     xs, ys = polys[:, 0::2], polys[:, 1::2]  # (n, 4) each
     boxes = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1).clip(0, [width, height, width, height])
     keep = (polygon_area(polys.reshape(-1, 4, 2)) > 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     outside = keep & ((xs < 0) | (xs > width) | (ys < 0) | (ys > height)).any(1)
-    for kind, mask in (('zero-area or out-of-image polygon (dropped)', ~keep),
+    for what, mask in (('zero-area or out-of-image polygon (dropped)', ~keep),
                        ('object reaching outside the image (clipped)', outside)):
         if mask.any():
-            problems.add(kind, f'{path}:{linenos[mask][0]}', int(mask.sum()))
-    return (polys if as_polygons else boxes.astype(np.float32))[keep], labels[keep], difficult[keep]
+            problems.add(what, f'{path}:{linenos[mask][0]}', int(mask.sum()))
+    if kind == 'obb':
+        pts = polys.reshape(-1, 4, 2)
+        boxes = poly_to_obb(clip_to_rect(pts, 0, 0, width, height) if outside.any() else pts)
+    return (polys if kind == 'poly' else boxes.astype(np.float32))[keep], labels[keep], difficult[keep]
 
 
 TILE_NAME = re.compile(r'^(?P<id>.+)__(?P<rate>[0-9.]+)__(?P<left>\d+)___(?P<top>\d+)$')
@@ -160,12 +163,15 @@ class DOTADataset(torch.utils.data.Dataset):
 
     train=True: random crop to img_size (object scale kept, padded with zeros when the image is smaller) and, with
     flips=True, a random element of the dihedral group (flips and 90 degree rotations). train=False: the whole image.
-    Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, 'labels': (n,) int64, 'difficult': (n,) bool,
-    'name': str, 'size': (H, W)}).
+    Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, or with boxes='obb' (n, 5) cx, cy, w, h, theta,
+    'labels': (n,) int64, 'difficult': (n,) bool, 'name': str, 'size': (H, W)}).
     """
 
-    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True):
+    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True, boxes='hbb'):
+        if boxes not in ('hbb', 'obb'):
+            raise ValueError(f"boxes must be 'hbb' or 'obb', got {boxes!r}")
         self.class_names, self.img_size, self.train, self.flips = class_names, img_size, train, flips
+        self.kind = boxes
         self.strict, self.damaged = strict, []  # images that failed to decode during training (paths)
         folder = Path(root) / split
         if (folder / 'manifest.json').exists():  # written by `prepare.py split`: one file instead of one per tile
@@ -189,10 +195,10 @@ class DOTADataset(torch.utils.data.Dataset):
                 continue
             readable.append(f)
             if lbl.exists():
-                boxes, labels, diff = load_labels(lbl, class_names, w, h, problems)
+                boxes, labels, diff = load_labels(lbl, class_names, w, h, problems, self.kind)
             else:
                 problems.add('image without a label file (no objects)', str(f))
-                boxes, labels, diff = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+                boxes, labels, diff = np.zeros((0, self.ndim), np.float32), np.zeros(0, np.int64), np.zeros(0, int)
             self.targets.append({'boxes': boxes, 'labels': labels, 'difficult': diff > 0})
         self.files = readable
         for kind, n in problems.counts.items():
@@ -208,10 +214,19 @@ class DOTADataset(torch.utils.data.Dataset):
                 raise LabelError(f'{path}: tile {t["name"]} has classes {sorted(unknown)} that are not in the class '
                                  f'list ({len(self.class_names)} classes); pass the --classes it was split with')
             files.append(path.parent / t['file'])
-            targets.append({'boxes': np.asarray(t.get('boxes', []), np.float32).reshape(-1, 4),
+            if self.kind == 'obb' and t.get('labels') and 'polys' not in t:
+                raise LabelError(f'{path}: tile {t["name"]} has no polygons (a manifest of an older split); split '
+                                 'the images again for oriented boxes')
+            boxes = (poly_to_obb(np.asarray(t['polys'], np.float64).reshape(-1, 4, 2)) if self.kind == 'obb' and
+                     t.get('labels') else t.get('boxes', []))
+            targets.append({'boxes': np.asarray(boxes, np.float32).reshape(-1, self.ndim),
                             'labels': np.asarray([index[c] for c in t.get('labels', [])], np.int64),
                             'difficult': np.asarray(t.get('difficult', []), np.int64).reshape(-1) > 0})
         return files, targets
+
+    @property
+    def ndim(self):
+        return 5 if self.kind == 'obb' else 4
 
     def __len__(self):
         return len(self.files)
@@ -252,10 +267,19 @@ class DOTADataset(torch.utils.data.Dataset):
 # device it is free. The boxes are transformed here, so a target always describes the image as the model sees it.
 def random_crop(img, boxes, size, generator=None):
     """A random window of at most size x size of img (H, W, 3), as a view (collate pads smaller ones); boxes are
-    shifted and clipped, and those left with less than 1 px of width or height are dropped (keep mask returned)."""
+    shifted and clipped, and those left with less than 1 px of width or height are dropped (keep mask returned).
+    Oriented boxes (N, 5) that the window cuts become the minimum-area rectangle of their visible part."""
     h, w = img.shape[:2]
     top, left = (int(torch.randint(0, max(n - size, 0) + 1, (), generator=generator)) for n in (h, w))
     img = img[top:top + size, left:left + size]
+    if boxes.shape[1] == 5:
+        b = boxes.double().numpy()
+        poly = obb_to_poly(b) - (left, top)  # (N, 4, 2) window coordinates
+        inside = ((poly >= 0) & (poly <= (img.shape[1], img.shape[0]))).all((1, 2))
+        cut = poly_to_obb(clip_to_rect(poly, 0, 0, img.shape[1], img.shape[0]))
+        b = np.where(inside[:, None], b - (left, top, 0, 0, 0), cut)
+        keep = torch.from_numpy((b[:, 2] >= 1) & (b[:, 3] >= 1))
+        return img, torch.from_numpy(b).to(boxes.dtype)[keep], keep
     limit = torch.tensor([img.shape[1], img.shape[0]] * 2, dtype=boxes.dtype)
     boxes = torch.minimum((boxes - torch.tensor([left, top] * 2, dtype=boxes.dtype)).clamp(min=0), limit)
     keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
@@ -264,11 +288,23 @@ def random_crop(img, boxes, size, generator=None):
 
 def random_dihedral(boxes, size, generator=None):
     """Draw one of the 8 flips/90-degree turns of an image of size (h, w) uniformly and apply it to its boxes (N, 4)
-    -> (boxes, flips): flips = bool (turn, mirror left-right, mirror top-bottom), applied in this order; a turn is
-    a transpose, drawn for square images only. `orient` applies the same to the pixels."""
+    xyxy or (N, 5) oriented -> (boxes, flips): flips = bool (turn, mirror left-right, mirror top-bottom), applied in
+    this order; a turn is a transpose, drawn for square images only. `orient` applies the same to the pixels.
+    An oriented box's direction (cos t, sin t) becomes (sin t, cos t) under the transpose (t -> pi/2 - t) and is
+    mirrored by either flip (t -> -t); its sides keep their lengths."""
     h, w = size
     flips = torch.rand(3, generator=generator) < 0.5
     flips[0] &= h == w
+    if boxes.shape[1] == 5:
+        cx, cy, bw, bh, t = boxes.unbind(1)
+        if flips[0]:
+            cx, cy, t = cy, cx, math.pi / 2 - t
+        if flips[1]:
+            cx, t = w - cx, -t
+        if flips[2]:
+            cy, t = h - cy, -t
+        t = torch.from_numpy(wrap_angle(t.double().numpy())).to(boxes.dtype)
+        return torch.stack([cx, cy, bw, bh, t], 1), flips
     if flips[0]:
         boxes = boxes[:, [1, 0, 3, 2]]
     if flips[1]:
@@ -300,8 +336,8 @@ def orient(x, targets):
 
 def collate(batch, multiple=32, pin=False):
     """Copy the images ((H, W, 3) uint8 tensors) into one batch (B, H, W, 3), zero-padded to the largest size
-    rounded up to `multiple` (the patch size) so that every image has the same token grid. pin: page-locked memory (GPU training: torch recycles these buffers, and the copy to the
-    device is asynchronous). -> batch, targets."""
+    rounded up to `multiple` (the patch size) so that every image has the same token grid. pin: page-locked memory
+    (GPU training: torch recycles these buffers, and the copy to the device is asynchronous). -> batch, targets."""
     h = -(-max(im.shape[0] for im, _ in batch) // multiple) * multiple
     w = -(-max(im.shape[1] for im, _ in batch) // multiple) * multiple
     images = torch.empty((len(batch), h, w, 3), dtype=torch.uint8, pin_memory=pin)
@@ -376,8 +412,8 @@ def epoch_loader(ds, batch_size, patch_size, workers, seed, epoch, start_batch=0
 
 
 def make_loader(root, split, class_names, img_size, batch_size, train, workers, patch_size, rank=0, world=1,
-                flips=True, strict=False):
-    ds = DOTADataset(root, split, class_names, img_size, train, strict=strict, flips=flips)
+                flips=True, strict=False, boxes='hbb'):
+    ds = DOTADataset(root, split, class_names, img_size, train, strict=strict, flips=flips, boxes=boxes)
     return Loader(ds, batch_size, patch_size, workers, shuffle=train, drop_last=train and len(ds) >= batch_size,
                   rank=rank, world=world)
 

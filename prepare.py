@@ -8,9 +8,11 @@ Splitting follows DOTA_devkit's ImgSplit so that its merge tools read our tiles:
 `size - gap`, the last window of a row or column snaps to the image border, images smaller than a window are
 padded with zeros, and a tile is named `<id>__<rate>__<left>___<top>` (rate printed like the devkit: 1, 0.5).
 With a rate other than 1 the image is resized first and the names carry the rate. An object fully inside a window
-keeps its exact polygon, shifted by the window offset; a cut object is written as the axis-aligned box of its
-visible part (our targets are boxes), with difficult = 2 when that part is at most --min-visible (0.7) of its area,
-as the devkit does. Tiles are written to a temporary name and renamed; an image counts as done only when all its
+keeps its exact polygon, shifted by the window offset; a cut object is written as the minimum-area rectangle of its
+visible part (the devkit writes the clipped polygon itself when it has 4 or 5 corners; ours can have up to 8, and a
+box is what a detector learns), with difficult = 2 when that part is at most --min-visible (0.7) of its area, as
+the devkit does. The manifest holds both the polygons (oriented boxes, task 1) and the axis-aligned boxes of the
+visible parts (task 2). Tiles are written to a temporary name and renamed; an image counts as done only when all its
 tiles are, so an interrupted run can be restarted with the same command and continues where it stopped.
 """
 import argparse
@@ -25,8 +27,10 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-from data import CLASSES, IMG_EXTS, LabelError, Problems, load_labels, polygon_area, read_image
+from data import CLASSES, IMG_EXTS, LabelError, Problems, load_labels, read_image
 from metrics import SIZE_BINS
+from obb import clip_to_rect, obb_to_poly, poly_to_obb, polygon_area
+
 
 # ------------------------------------------------------------------------------------------------- geometry
 def windows(length, size, gap):
@@ -34,33 +38,6 @@ def windows(length, size, gap):
     step = size - gap
     starts = list(range(0, max(length - size, 0), step)) + [max(length - size, 0)]
     return sorted(set(starts))
-
-
-def clip_polygons(polys, x0, y0, x1, y1):
-    """Sutherland-Hodgman clipping of n polygons (n, K, 2) to a rectangle, vectorized over polygons.
-
-    Unused vertex slots repeat the last real vertex (a zero-length edge changes neither the clipping nor the area),
-    which keeps the arrays rectangular. -> (n, K', 2), same convention; an empty result is all zeros."""
-    P = polys.astype(np.float64)
-    n = len(P)
-    for axis, bound, sign in ((0, x0, 1), (0, x1, -1), (1, y0, 1), (1, y1, -1)):
-        if n == 0:
-            break
-        Q = np.roll(P, -1, axis=1)  # the next vertex of each edge
-        p_in = sign * (P[..., axis] - bound) >= 0  # (n, K)
-        q_in = sign * (Q[..., axis] - bound) >= 0
-        denom = Q[..., axis] - P[..., axis]
-        t = np.divide(bound - P[..., axis], denom, out=np.zeros_like(denom), where=denom != 0)
-        cross = P + t[..., None] * (Q - P)  # where the edge meets the clip line
-        out = np.stack([P, cross], 2).reshape(n, -1, 2)  # (n, 2K, 2): for each edge, its start then the crossing
-        valid = np.stack([p_in, p_in != q_in], 2).reshape(n, -1)
-        count = valid.sum(1)  # (n,)
-        order = np.argsort(~valid, axis=1, kind='stable')  # valid slots first, in order
-        k = max(int(count.max()), 1)
-        idx = np.minimum(np.arange(k)[None], np.maximum(count[:, None] - 1, 0))  # pad by repeating the last
-        P = np.take_along_axis(out, np.take_along_axis(order, idx, 1)[..., None], 1)
-        P[count == 0] = 0
-    return P
 
 
 # ------------------------------------------------------------------------------------------------- splitting
@@ -75,7 +52,7 @@ def split_image(job):
         if not job['images_only']:
             problems.add('image without a label file (no objects)', str(img_path))
     else:
-        polys, labels, diff = load_labels(lbl_path, job['classes'], w0, h0, problems, as_polygons=True)
+        polys, labels, diff = load_labels(lbl_path, job['classes'], w0, h0, problems, kind='poly')
     records = []
     for rate in job['rates']:
         scaled = img if rate == 1 else np.asarray(Image.fromarray(img).resize(
@@ -104,22 +81,21 @@ def write_tile(img, pts, area, labels, diff, left, top, rate, stem, dst, job):
     if job['images_only']:
         return record
     x1, y1 = left + min(crop.shape[1], size), top + min(crop.shape[0], size)  # the window's real image part
-    visible = clip_polygons(pts, left, top, x1, y1)  # (n, K, 2) the part of each object inside the window
+    visible = clip_to_rect(pts, left, top, x1, y1)  # (n, K, 2) the part of each object inside the window
     vis_area = polygon_area(visible)
     sel = np.flatnonzero(vis_area > 0)
     p, v = pts[sel] - (left, top), visible[sel] - (left, top)  # tile coordinates
     full = (p.min(1) >= 0).all(1) & (p.max(1) <= (x1 - left, y1 - top)).all(1)  # (m,) entirely inside
-    lo, hi = v.min(1), v.max(1)  # (m, 2) box of the visible part
-    cut = np.stack([lo, np.stack([hi[:, 0], lo[:, 1]], 1), hi, np.stack([lo[:, 0], hi[:, 1]], 1)], 1)
-    poly = np.where(full[:, None, None], p, cut)  # (m, 4, 2)
+    poly = np.where(full[:, None, None], p, obb_to_poly(poly_to_obb(v)))  # (m, 4, 2)
     flags = np.where(full | (vis_area[sel] > job['min_visible'] * area[sel]), diff[sel], 2)
     names = [job['classes'][c] for c in labels[sel]]
     lines = [' '.join(f'{c:.8g}' for c in q.round(2).ravel()) + f' {n} {d}' for q, n, d in zip(poly, names, flags)]
     tmp = dst / 'labelTxt' / f'.{name}.txt.tmp'
     tmp.write_text(''.join(line + '\n' for line in lines))
     os.replace(tmp, dst / 'labelTxt' / f'{name}.txt')
-    boxes = np.concatenate([poly.min(1), poly.max(1)], 1).round(2)
-    record.update(boxes=boxes.tolist(), labels=names, difficult=flags.tolist())
+    boxes = np.concatenate([v.min(1), v.max(1)], 1).round(2)  # (m, 4) axis-aligned box of the visible part
+    record.update(boxes=boxes.tolist(), polys=poly.reshape(-1, 8).round(2).tolist(), labels=names,
+                  difficult=flags.tolist())
     return record
 
 
@@ -225,9 +201,11 @@ def _ground(rng, size):
     return img.clip(0, 255).astype(np.uint8)
 
 
-def synth_image(rng, size, n_rows=None, n_single=None):
+def synth_image(rng, size, n_rows=None, n_single=None, rotated=False):
     """One synthetic image and its objects: single objects of all classes, plus dense rows of vehicles/ships.
-    By default 0-3 rows and 4-14 single objects (some are rejected where they would overlap).
+    By default 0-3 rows and 4-14 single objects (some are rejected where they would overlap). Single objects face
+    any direction; rows run along x or y (+- 6 degrees), or, with rotated=True, in any direction (a harbour row at
+    45 degrees: the case where axis-aligned boxes of neighbours overlap most).
     -> (PIL image, list of (polygon (4, 2), class name))."""
     img = Image.fromarray(_ground(rng, size))
     draw = ImageDraw.Draw(img)
@@ -251,7 +229,7 @@ def synth_image(rng, size, n_rows=None, n_single=None):
     for _ in range(n_rows):  # dense rows: parking lines of cars or trucks, moored ships
         name = str(rng.choice(['small-vehicle', 'small-vehicle', 'large-vehicle', 'ship']))
         s = float(rng.uniform(*size_range[name])) if name != 'ship' else float(rng.uniform(12, 20))
-        row_angle = float(rng.choice([0, np.pi / 2]) + rng.normal(0, 0.1))
+        row_angle = float(rng.uniform(0, np.pi) if rotated else rng.choice([0, np.pi / 2]) + rng.normal(0, 0.1))
         step = s * ASPECT[name] + 3
         x, y = rng.uniform(0, size, 2)
         for k in range(int(rng.integers(3, 9))):
@@ -263,27 +241,29 @@ def synth_image(rng, size, n_rows=None, n_single=None):
     return img, objects
 
 
-def make_synthetic(out, n_train=400, n_val=100, size=128, seed=0):
+def make_synthetic(out, n_train=400, n_val=100, size=128, seed=0, rotated=False):
     """Write a deterministic synthetic dataset in DOTA format: OUT/{train,val}/{images/*.png,labelTxt/*.txt}."""
     out = Path(out)
     for split, n, split_id in (('train', n_train, 0), ('val', n_val, 1)):
         (out / split / 'images').mkdir(parents=True, exist_ok=True)
         (out / split / 'labelTxt').mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            img, objects = synth_image(np.random.default_rng([seed, split_id, i]), size)
+            img, objects = synth_image(np.random.default_rng([seed, split_id, i]), size, rotated=rotated)
             img.save(out / split / 'images' / f'S{i:05d}.png')
             lines = ['imagesource:synthetic', 'gsd:1.0']
             lines += [' '.join(f'{v:.1f}' for v in poly.ravel()) + f' {name} 0' for poly, name in objects]
             (out / split / 'labelTxt' / f'S{i:05d}.txt').write_text('\n'.join(lines) + '\n')
-    (out / '.complete').write_text(f'n_train={n_train} n_val={n_val} size={size} seed={seed}\n')
+    (out / '.complete').write_text(f'n_train={n_train} n_val={n_val} size={size} seed={seed} rotated={rotated}\n')
 
 
 def resolve_data(data):
-    """--data accepts a folder or a name: 'dota' -> data/dota, 'synthetic' -> data/synthetic (made on first use)."""
-    root = Path({'dota': 'data/dota', 'synthetic': 'data/synthetic'}.get(data, data))
-    if data == 'synthetic' and not (root / '.complete').exists():
+    """--data accepts a folder or a name: 'dota' -> data/dota, 'synthetic' -> data/synthetic, 'synthetic-rotated'
+    -> data/synthetic-rotated (rows in any direction; the synthetic sets are made on first use)."""
+    names = {'dota': 'data/dota', 'synthetic': 'data/synthetic', 'synthetic-rotated': 'data/synthetic-rotated'}
+    root = Path(names.get(data, data))
+    if data.startswith('synthetic') and data in names and not (root / '.complete').exists():
         print(f'generating the synthetic dataset in {root} (once)')
-        make_synthetic(root)
+        make_synthetic(root, rotated=data == 'synthetic-rotated')
     if not root.is_dir():
         raise FileNotFoundError(f'--data {data}: {root} is not a folder; expected '
                                 f'ROOT/{{train,val}}/{{images,labelTxt}}')
@@ -392,6 +372,8 @@ def main(argv=None):
     sp.add_argument('--n-val', type=int, default=100, help='number of validation images (default: %(default)s)')
     sp.add_argument('--size', type=int, default=128, help='image side in pixels (default: %(default)s)')
     sp.add_argument('--seed', type=int, default=0, help='random seed; same seed, same files (default: %(default)s)')
+    sp.add_argument('--rotated', action='store_true', help='rows of vehicles and ships in any direction, not only '
+                    'along x or y (single objects face any direction either way): for oriented boxes')
     sp = sub.add_parser('split', help='cut full DOTA images into tiles, DOTA_devkit style, with a manifest')
     sp.add_argument('--src', required=True, help='folder with images/ and labelTxt/ (e.g. DOTA/train)')
     sp.add_argument('--dst', required=True, help='output folder (e.g. data/dota/train)')
@@ -416,7 +398,7 @@ def main(argv=None):
                                                                         '(default: %(default)s)')
     args = ap.parse_args(argv)
     if args.cmd == 'synth':
-        make_synthetic(args.out, args.n_train, args.n_val, args.size, args.seed)
+        make_synthetic(args.out, args.n_train, args.n_val, args.size, args.seed, args.rotated)
         print(f'wrote {args.n_train} train and {args.n_val} val images to {args.out}')
         return 0
     try:

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from data import CLASSES, DOTADataset, LabelError, parse_label_file, parse_tile_name, polygon_area, read_image
-from prepare import check, clip_polygons, split, synth_image, windows
+from data import CLASSES, DOTADataset, LabelError, parse_label_file, parse_tile_name, read_image
+from obb import clip_to_rect, obb_to_poly, poly_to_obb, polygon_area, polygon_iou
+from prepare import check, split, synth_image, windows
 
 V1 = CLASSES['dota1.0']
 
@@ -23,17 +24,17 @@ def test_windows_follow_the_devkit():
 def test_clip_polygons_areas():
     square = np.array([[[0, 0], [10, 0], [10, 10], [0, 10]]], float)
     diamond = np.array([[[5, 0], [10, 5], [5, 10], [0, 5]]], float)
-    assert polygon_area(clip_polygons(square, 5, -1, 20, 20)) == pytest.approx([50])
-    assert polygon_area(clip_polygons(square, -5, -5, 20, 20)) == pytest.approx([100])
-    assert polygon_area(clip_polygons(square, 20, 20, 30, 30)) == pytest.approx([0])
-    assert polygon_area(clip_polygons(diamond, 0, 0, 5, 5)) == pytest.approx([12.5])
+    assert polygon_area(clip_to_rect(square, 5, -1, 20, 20)) == pytest.approx([50])
+    assert polygon_area(clip_to_rect(square, -5, -5, 20, 20)) == pytest.approx([100])
+    assert polygon_area(clip_to_rect(square, 20, 20, 30, 30)) == pytest.approx([0])
+    assert polygon_area(clip_to_rect(diamond, 0, 0, 5, 5)) == pytest.approx([12.5])
     # against a fine raster on random convex quads (rotated rectangles)
     rng = np.random.default_rng(0)
     c, a = rng.uniform(10, 40, (20, 2)), rng.uniform(0, np.pi, 20)
     local = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [12, 5]
     rot = np.stack([np.cos(a), np.sin(a), -np.sin(a), np.cos(a)], 1).reshape(-1, 2, 2)
     quads = np.einsum('kj,nji->nki', local, rot) + c[:, None]
-    got = polygon_area(clip_polygons(quads, 15, 12, 35, 30))
+    got = polygon_area(clip_to_rect(quads, 15, 12, 35, 30))
     g = (np.mgrid[0:50:0.1, 0:50:0.1] + 0.05).reshape(2, -1).T  # sample points, 0.1 px apart
     in_box = (g[:, 0] >= 15) & (g[:, 0] <= 35) & (g[:, 1] >= 12) & (g[:, 1] <= 30)
     for q, area in zip(quads, got):
@@ -74,18 +75,26 @@ def test_split_real_sample(dota_sample, tmp_path):
                 l, t, p, lab, d = homes[0]
                 hit = (np.abs(p - (poly - (l, t))).max((1, 2)) < 0.01) & (lab == label) & (d == diff)
                 assert hit.sum() == 1, (stem, poly.tolist())
-            else:  # only cut: its visible box is in some tile
-                found = any(((p.min(1) + (l, t) >= lo - 0.01) & (p.max(1) + (l, t) <= hi + 0.01)).all(1).any()
-                            for l, t, p, _, _ in by_image[stem])
+            else:  # only cut: the minimum-area rectangle of its visible part is in some tile
+                found = False
+                for l, t, p, _, _ in by_image[stem]:
+                    visible = clip_to_rect(poly[None] - (l, t), 0, 0, min(512, w - l), min(512, h - t))
+                    if len(p) and polygon_area(visible)[0] > 0:
+                        want = obb_to_poly(poly_to_obb(visible))  # (1, 4, 2)
+                        found |= (polygon_iou(p, np.repeat(want, len(p), 0)) > 0.999).any()
                 assert found, (stem, poly.tolist())
     manifest = json.loads((tmp_path / 'train' / 'manifest.json').read_text())
     assert sorted(t['name'] for t in manifest['tiles']) == [t.stem for t in tiles]
     ds = DOTADataset(tmp_path, 'train', V1)  # reads the manifest
+    ds_obb = DOTADataset(tmp_path, 'train', V1, boxes='obb')
     for i in range(0, len(ds), 5):
         img, target = ds[i]
         p, labels, _ = tile_lines(tmp_path / 'train' / 'labelTxt' / f'{target["name"]}.txt')
-        np.testing.assert_allclose(target['boxes'].numpy(), np.concatenate([p.min(1), p.max(1)], 1), atol=0.01)
+        hbb = np.concatenate([p.min(1), p.max(1)], 1)  # of the written polygons; a cut one's box is inside it
+        got = target['boxes'].numpy()
+        assert (got[:, :2] >= hbb[:, :2] - 0.01).all() and (got[:, 2:] <= hbb[:, 2:] + 0.01).all()
         assert target['labels'].tolist() == labels.tolist() and img.shape == (512, 512, 3)
+        np.testing.assert_allclose(ds_obb.targets[i]['boxes'], poly_to_obb(p), atol=0.01)
 
 
 def make_source(folder, img, lines):
