@@ -7,6 +7,8 @@
        the boxes of the layer before and predicting class scores; the last layer is the output.
 With dec_layers = 0 the dense encoder stage is the output (the fallback and an ablation). No NMS inside a tile:
 one-to-one matching teaches the model not to predict an object twice.
+Boxes are axis-aligned (x1, y1, x2, y2), or with obb=True oriented (cx, cy, w, h, theta) as obb.py defines them;
+their overlap in the matching cost and the loss is then ProbIoU (the Gaussians' Bhattacharyya overlap), not GIoU.
 """
 import math
 
@@ -29,6 +31,59 @@ def giou(a, b):
     hull = ((torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)).clamp(min=0) *
             (torch.maximum(ay2, by2) - torch.minimum(ay1, by1)).clamp(min=0))
     return iou - (hull - union) / hull.clamp(min=1e-9), iou
+
+
+def gaussian(b):
+    """Oriented boxes (..., 5) -> the covariance (a, b, c) (each (...), Sigma = [[a, c], [c, b]]) of the uniform
+    distribution over each box: R diag(w^2, h^2) R^T / 12. Only (cos 2 theta, sin 2 theta) enter, so theta and
+    theta + pi give the same Gaussian (no jump at +-pi/2), and so do (w, h, theta) and (h, w, theta + pi/2)."""
+    w2, h2, t = b[..., 2] ** 2 / 12, b[..., 3] ** 2 / 12, 2 * b[..., 4]
+    mean, half = (w2 + h2) / 2, (w2 - h2) / 2
+    return mean + half * torch.cos(t), mean - half * torch.cos(t), half * torch.sin(t)
+
+
+def probiou(p, q, eps=1e-7):
+    """ProbIoU (Llerena et al. 2021) of oriented boxes p (..., 5) and q (..., 5), broadcasting -> (...) in [0, 1]:
+    1 - the Hellinger distance sqrt(1 - exp(-B)) of their Gaussians, with B the Bhattacharyya distance
+    B = (mu_p - mu_q)^T S^-1 (mu_p - mu_q) / 8 + ln(det S / sqrt(det S_p det S_q)) / 2, S = (S_p + S_q) / 2.
+    Differentiable everywhere, 1 for identical boxes, independent of the scale (a 6 px car learns like a plane);
+    a square's angle changes nothing (its Gaussian is round); identical boxes give 1 - sqrt(eps) (the eps keeps
+    the gradient finite there). Per coordinate: pairwise use makes (M, G) tensors."""
+    (a1, b1, c1), (a2, b2, c2) = gaussian(p.float()), gaussian(q.float())
+    a, b, c = (a1 + a2) / 2, (b1 + b2) / 2, (c1 + c2) / 2
+    det = (a * b - c ** 2).clamp(min=eps)
+    dx, dy = p[..., 0].float() - q[..., 0].float(), p[..., 1].float() - q[..., 1].float()
+    maha = (b * dx ** 2 - 2 * c * dx * dy + a * dy ** 2) / det / 8
+    spread = 0.5 * torch.log(det / ((a1 * b1 - c1 ** 2).clamp(min=eps) * (a2 * b2 - c2 ** 2).clamp(min=eps)).sqrt())
+    bd = (maha + spread).clamp(min=0, max=100)
+    return 1 - (1 - torch.exp(-bd) + eps).sqrt()
+
+
+def overlap(a, b):
+    """(overlap used by the cost and loss, IoU-like quality) of boxes a, b broadcasting: (GIoU, IoU) for (..., 4)
+    xyxy boxes, (ProbIoU, ProbIoU) for (..., 5) oriented ones."""
+    if a.shape[-1] == 5:
+        p = probiou(a, b)
+        return p, p
+    return giou(a, b)
+
+
+def l1_form(boxes):
+    """The coordinates the L1 terms compare: xyxy as they are; oriented boxes as (cx, cy, long side, short side),
+    so that (w, h, theta) and (h, w, theta + pi/2), one box, cost the same (the angle is ProbIoU's business)."""
+    if boxes.shape[-1] == 5:
+        w, h = boxes[..., 2], boxes[..., 3]
+        return torch.stack([boxes[..., 0], boxes[..., 1], torch.maximum(w, h), torch.minimum(w, h)], -1)
+    return boxes
+
+
+def half_extent(boxes):
+    """(..., 4) xyxy or (..., 5) oriented -> centre (..., 2) and half the axis-aligned extent (..., 2)."""
+    if boxes.shape[-1] == 5:
+        c, s = torch.cos(boxes[..., 4]).abs(), torch.sin(boxes[..., 4]).abs()
+        w, h = boxes[..., 2], boxes[..., 3]
+        return boxes[..., :2], torch.stack([w * c + h * s, w * s + h * c], -1) / 2
+    return (boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2]) / 2
 
 
 def sincos(v, dim):
@@ -80,11 +135,15 @@ class Detector(nn.Module):
     a valid target (distances to the four sides would have to go negative). Each decoder layer refines its
     reference box b = (cx, cy, w, h) by (cx, cy) += (dx, dy) * (w, h), (w, h) *= exp(dw, dh); the reference passed
     to the next layer is detached (Deformable DETR's iterative refinement).
+    obb=True: the cell also predicts (u, v), and theta = atan2(v, 1 + u) / 2 (0 at the start, when both are 0): a
+    direction of 2 theta, continuous across the +-pi/2 boundary; each decoder layer adds a predicted turn to the
+    angle of its reference box, and its query position also encodes the reference angle.
     """
 
-    def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4):
+    def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
+                 obb=False):
         super().__init__()
-        self.backbone, self.num_classes, self.num_queries = backbone, num_classes, num_queries
+        self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
         p, c, layers = backbone.patch_size, backbone.dim, []
         if stride > p or p % stride or (p // stride) & (p // stride - 1):
             raise ValueError(f'stride {stride} must be the patch size {p} divided by a power of 2')
@@ -95,13 +154,15 @@ class Detector(nn.Module):
         self.neck = nn.Sequential(*layers, nn.Conv2d(c, head_dim, 1), nn.GroupNorm(8, head_dim), nn.GELU(),
                                   nn.Conv2d(head_dim, head_dim, 3, padding=1), nn.GroupNorm(8, head_dim), nn.GELU())
         self.cls = nn.Conv2d(head_dim, num_classes, 3, padding=1)
-        self.box = nn.Conv2d(head_dim, 4, 3, padding=1)
+        self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
         self.query = nn.Sequential(nn.Linear(head_dim, head_dim), nn.LayerNorm(head_dim))  # cell feature -> query
         self.size_pos = nn.Linear(head_dim // 2, head_dim // 2)  # sinusoids of log (w, h) -> half of a query position
         self.layers = nn.ModuleList(DecoderLayer(head_dim, heads) for _ in range(dec_layers))
         self.dec_cls = nn.ModuleList(nn.Linear(head_dim, num_classes) for _ in range(dec_layers))
-        self.dec_box = nn.ModuleList(nn.Sequential(nn.Linear(head_dim, head_dim), nn.GELU(), nn.Linear(head_dim, 4))
-                                     for _ in range(dec_layers))
+        self.dec_box = nn.ModuleList(nn.Sequential(nn.Linear(head_dim, head_dim), nn.GELU(),
+                                                   nn.Linear(head_dim, 5 if obb else 4)) for _ in range(dec_layers))
+        if obb:  # (cos 2 theta, sin 2 theta) of the reference -> added to the size half of the query position
+            self.angle_pos = nn.Linear(2, head_dim // 2)
         prior = -math.log(99)  # probability 0.01 at the start: the focal loss starts stable
         for m in [self.cls, *self.dec_cls]:
             nn.init.constant_(m.bias, prior)
@@ -110,7 +171,8 @@ class Detector(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        """x (B, 3, H, W) normalized -> dict: logits (B, K, C), boxes (B, K, 4) xyxy px, centres (B, K, 2) (the cell
+        """x (B, 3, H, W) normalized -> dict: logits (B, K, C), boxes (B, K, 4) xyxy px (obb: (B, K, 5) cx, cy, w, h,
+        theta; theta unwrapped, postprocess wraps it), centres (B, K, 2) (the cell
         each prediction started from), stride; with decoder layers also 'aux' (the earlier layers' outputs) and
         'dense' (the encoder stage, all M cells). Without, K = M and the encoder stage is the output."""
         B, _, H, W = x.shape
@@ -123,8 +185,13 @@ class Detector(nn.Module):
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing='ij')
         centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * self.stride  # (M, 2)
         cxcy = centres + d[..., :2] * self.stride
-        wh = d[..., 2:].clamp(-4, 7).exp() * self.stride
-        dense = {'logits': logits, 'boxes': torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1),
+        wh = d[..., 2:4].clamp(-4, 7).exp() * self.stride
+        if self.obb:
+            theta = torch.atan2(d[..., 5], 1 + d[..., 4])[..., None] / 2  # (B, M, 1)
+            boxes = torch.cat([cxcy, wh, theta], -1)
+        else:
+            boxes = torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
+        dense = {'logits': logits, 'boxes': boxes,
                  'centres': centres.expand(B, -1, -1), 'stride': self.stride}
         if not self.layers:
             return dense
@@ -134,21 +201,25 @@ class Detector(nn.Module):
         idx = logits.detach().amax(-1).topk(K, dim=1).indices  # (B, K)
         take = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731 (B, M, n) -> (B, K, n)
         q = self.query(take(mem))  # (B, K, Dh)
-        ref = torch.cat([take(cxcy), take(wh)], -1).detach()  # (B, K, 4) cx, cy, w, h in px
+        ref = torch.cat([take(cxcy), take(wh)] + ([take(theta)] if self.obb else []), -1).detach()  # (B, K, 4|5)
         start = take(dense['centres'])  # (B, K, 2) the cells the queries come from: the matcher's centre prior
         grid = torch.stack([xs, ys], -1).reshape(-1, 2)  # (M, 2) cell coordinates, the units of q_pos below
         mem_pos = torch.cat([sincos(grid, mem.shape[-1] // 2), torch.zeros_like(mem[0, :, mem.shape[-1] // 2:])], -1)
         outs = []
         for layer, cls_head, box_head in zip(self.layers, self.dec_cls, self.dec_box):
-            q_pos = torch.cat([sincos(ref[..., :2] / self.stride - 0.5, q.shape[-1] // 2),  # the grid's units
-                               self.size_pos(sincos(torch.log(ref[..., 2:] / self.stride), q.shape[-1] // 2))], -1)
+            size_pos = self.size_pos(sincos(torch.log(ref[..., 2:4] / self.stride), q.shape[-1] // 2))
+            if self.obb:
+                size_pos = size_pos + self.angle_pos(torch.cat([torch.cos(2 * ref[..., 4:]),
+                                                                torch.sin(2 * ref[..., 4:])], -1))
+            q_pos = torch.cat([sincos(ref[..., :2] / self.stride - 0.5, q.shape[-1] // 2), size_pos], -1)  # grid units
             q = layer(q, q_pos.to(q.dtype), mem, mem_pos)
-            dd = box_head(q).float()  # (B, K, 4)
-            c2 = ref[..., :2] + dd[..., :2] * ref[..., 2:]
-            s2 = ref[..., 2:] * dd[..., 2:].clamp(-4, 4).exp()
-            outs.append({'logits': cls_head(q), 'boxes': torch.cat([c2 - s2 / 2, c2 + s2 / 2], -1),
-                         'centres': start, 'stride': self.stride})
-            ref = torch.cat([c2, s2], -1).detach()
+            dd = box_head(q).float()  # (B, K, 4 | 5)
+            c2 = ref[..., :2] + dd[..., :2] * ref[..., 2:4]
+            s2 = ref[..., 2:4] * dd[..., 2:4].clamp(-4, 4).exp()
+            box = torch.cat([c2, s2, ref[..., 4:] + dd[..., 4:]], -1) if self.obb else \
+                torch.cat([c2 - s2 / 2, c2 + s2 / 2], -1)
+            outs.append({'logits': cls_head(q), 'boxes': box, 'centres': start, 'stride': self.stride})
+            ref = (box if self.obb else torch.cat([c2, s2], -1)).detach()
         return {**outs[-1], 'aux': outs[:-1], 'dense': dense}
 
 
@@ -171,6 +242,8 @@ class MinCostMatcher:
     The rule (a min-cost greedy, not the Hungarian optimum): in rounds, every unmatched GT proposes its cheapest
     free prediction; a prediction proposed by several GT takes the one with the lowest cost (ties: lower GT index)
     and leaves the game. Each round matches at least one GT, usually almost all; torch ops only, no loop over boxes.
+    Oriented boxes: ProbIoU in place of GIoU, L1 on (cx, cy, long side, short side) (l1_form), and the centre
+    region from the box's axis-aligned extent.
     """
 
     def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, method='greedy'):
@@ -197,10 +270,10 @@ class MinCostMatcher:
         # Each term is built at (M, G) directly, never (M, G, 2 or 4): this matrix is the matcher's main cost.
         pos, neg = focal_terms(logits.float())  # (M, C) each, gathered per GT below (C << G in dense tiles)
         cost = self.w_cls * (pos - neg)[:, gt_labels]  # (M, G)
-        cost += self.w_l1 / stride * torch.cdist(boxes.float(), gt_boxes.float(), p=1)  # L1 distance, (M, G)
-        cost -= self.w_giou * giou(boxes[:, None], gt_boxes[None])[0]
-        gc, gwh = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2, gt_boxes[:, 2:] - gt_boxes[:, :2]  # (G, 2) each
-        reach = gwh.div(2).clamp(min=self.radius * stride)  # (G, 2)
+        cost += self.w_l1 / stride * torch.cdist(l1_form(boxes.float()), l1_form(gt_boxes.float()), p=1)  # (M, G)
+        cost -= self.w_giou * overlap(boxes[:, None], gt_boxes[None])[0]
+        gc, half = half_extent(gt_boxes)  # (G, 2) each
+        reach = half.clamp(min=self.radius * stride)  # (G, 2)
         outside = ((centres[:, None, 0] - gc[:, 0]).abs() > reach[:, 0]) | \
                   ((centres[:, None, 1] - gc[:, 1]).abs() > reach[:, 1])  # (M, G)
         return cost + 1e4 * outside
@@ -232,16 +305,17 @@ def assign_min_cost(cost):
 def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal',
                    matches=None, num_gt=None):
     """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
-    list of B target dicts (boxes, labels on any device).
+    list of B target dicts (boxes, labels on any device). Oriented boxes (..., 5) use ProbIoU where the text below
+    says GIoU or IoU, and l1_form's coordinates for L1.
 
     Each GT is matched to one prediction (or `matches` are reused: a list of B (pred idx, gt idx) pairs); the
     matched prediction is a positive for its class, all other (prediction, class) pairs are negatives. Sigmoid focal
     loss over all of them (or, cls_loss='varifocal', VarifocalNet's IoU-aware loss: a positive's target is the IoU
     of its box with its GT, weighted by that IoU; negatives as focal with alpha 0.75), plus L1 (in stride units, so
     a 10 px box still gets gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in
-    the batch (or by num_gt: under DDP, the mean over ranks). -> (total loss, dict of detached numbers for logging: the terms, the mean IoU of the matched pairs,
-    and the number of (prediction, class) scores above 0.3 per GT: about 1 when the one-to-one matching has taught
-    the head not to duplicate), matches)."""
+    the batch (or by num_gt: under DDP, the mean over ranks). -> (total loss, dict of detached numbers for logging:
+    the terms, the mean IoU of the matched pairs, and the number of (prediction, class) scores above 0.3 per GT:
+    about 1 when the one-to-one matching has taught the head not to duplicate), matches)."""
     logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
     quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
@@ -256,7 +330,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             pi = gi = torch.zeros(0, dtype=torch.long, device=boxes.device)
         found.append((pi, gi))
         is_pos[b, pi, gt_labels[gi]] = True
-        quality[b, pi, gt_labels[gi]] = giou(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
+        quality[b, pi, gt_labels[gi]] = overlap(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
     n = max(sum(len(t['boxes']) for t in targets), 1) if num_gt is None else num_gt.clamp(min=1)  # a tensor
@@ -268,8 +342,8 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
         pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, K, C) each
     loss_cls = torch.where(is_pos, pos, neg).sum() / n
     src, tgt = torch.cat(src).float(), torch.cat(tgt)
-    loss_l1 = (src - tgt).abs().sum() / stride / n  # 0 (with a gradient path) when there is no GT
-    g, iou = giou(src, tgt)
+    loss_l1 = (l1_form(src) - l1_form(tgt)).abs().sum() / stride / n  # 0 (with a gradient path) when there is no GT
+    g, iou = overlap(src, tgt)
     loss_giou = (1 - g).sum() / n
     total = w_cls * loss_cls + w_l1 * loss_l1 + w_giou * loss_giou
     parts = {'cls': loss_cls.detach(), 'l1': loss_l1.detach(), 'giou': loss_giou.detach(),
@@ -296,7 +370,7 @@ def detector_loss(out, targets, matcher, **kw):
 @torch.no_grad()
 def postprocess(out, max_det=1000, conf=0.001, sizes=None):
     """Top-`max_det` (cell, class) pairs per image with score > conf, no NMS (the one-to-one matching teaches
-    the model not to duplicate). sizes: optional list of (H, W) to clip boxes to.
+    the model not to duplicate). sizes: optional list of (H, W) to clip axis-aligned boxes to.
     -> list of B dicts: boxes (K, 4), scores (K,), labels (K,) on the CPU."""
     logits, boxes = out['logits'], out['boxes']
     B, M, C = logits.shape
@@ -306,7 +380,9 @@ def postprocess(out, max_det=1000, conf=0.001, sizes=None):
         keep = scores[b] > conf
         s, i = scores[b][keep], idx[b][keep]
         bx = boxes[b, i // C].float()
-        if sizes is not None:
+        if bx.shape[-1] == 5:  # oriented: the angle into [-pi/2, pi/2), the box not clipped
+            bx = torch.cat([bx[:, :4], torch.remainder(bx[:, 4:] + math.pi / 2, math.pi) - math.pi / 2], 1)
+        elif sizes is not None:
             h, w = sizes[b]
             bx = torch.minimum(bx.clamp(min=0), torch.tensor([w, h, w, h], dtype=bx.dtype, device=bx.device))
         results.append({'boxes': bx.cpu(), 'scores': s.cpu(), 'labels': (i % C).cpu()})

@@ -2,12 +2,14 @@
 
     python evaluate.py --ckpt runs/finetune/best.pt                      # the model on the val tiles (coco table)
     python evaluate.py --ckpt runs/finetune/best.pt --data dota --merge --labels DOTA/val/labelTxt --protocol dota
-        # tiles -> full images (class-wise NMS across seams) -> the official DOTA number + Task2_<class>.txt files
+        # tiles -> full images (class-wise NMS across seams) -> the official DOTA number + Task<t>_<class>.txt files
     python evaluate.py --dets submission/ --labels DOTA/val/labelTxt --protocol dota   # offline, no model
 
 The metrics and their exact semantics are in metrics.py: `coco` (default; IoU .50:.05:.95, 101-point AP, difficult
 ignored, no cap on detections, Precision/Recall at the best mean-F1 confidence) and `dota` (the official DOTA
-task-2: VOC07 11-point AP at IoU > 0.5 with the +1 pixel convention). --sizes adds AP by object size.
+evaluation: VOC07 11-point AP at IoU > 0.5). --sizes adds AP by object size. A model trained with --boxes obb is
+evaluated on oriented boxes, by exact polygon IoU (task 1: Task1_<class>.txt files); an axis-aligned one on task 2.
+Offline, the files in --dets say which task it is.
 """
 import argparse
 import json
@@ -17,9 +19,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data import CLASSES, LabelError, make_loader, parse_label_file, parse_tile_name, to_input
+from data import CLASSES, make_loader, to_input
 from prepare import resolve_data
 from metrics import SIZE_BINS, evaluate_coco, evaluate_dota
+from obb import obb_to_poly
+from submission import merge_tiles, read_labels, read_submission, submission_task, write_submission
 from detector import Detector, postprocess
 from model import build_vit
 
@@ -89,107 +93,6 @@ def summary(res, class_names, protocol='coco'):
     return out
 
 
-# ------------------------------------------------------------------------------------------------- files
-def read_labels(label_dir, class_names):
-    """{image id: GT dict} from a labelTxt folder. Boxes are the polygons' min/max, unclipped, nothing dropped:
-    what the official evaluation sees."""
-    files = sorted(Path(label_dir).glob('*.txt'))
-    if not files:
-        raise FileNotFoundError(f'no label files (*.txt) in {label_dir}')
-    gts = {}
-    for f in files:
-        polys, labels, difficult, _ = parse_label_file(f, class_names)
-        xy = polys.reshape(-1, 4, 2)
-        gts[f.stem] = {'boxes': np.concatenate([xy.min(1), xy.max(1)], 1).astype(np.float64), 'labels': labels,
-                       'difficult': difficult > 0}
-    return gts
-
-
-def read_submission(det_dir, class_names, image_ids):
-    """{image id: detections} from DOTA task-2 files DET_DIR/Task2_<class>.txt, lines `image score x1 y1 x2 y2`.
-    A missing class file means no detections of that class."""
-    files = sorted(Path(det_dir).glob('Task2_*.txt'))
-    if not files:
-        raise FileNotFoundError(f'no Task2_<class>.txt files in {det_dir}')
-    index = {name: i for i, name in enumerate(class_names)}
-    rows = {i: [] for i in image_ids}
-    for f in files:
-        name = f.stem[len('Task2_'):]
-        if name not in index:
-            raise LabelError(f'{f}: unknown class {name!r}; known: {", ".join(class_names)}')
-        for lineno, line in enumerate(f.read_text().splitlines(), 1):
-            tok = line.split()
-            if not tok:
-                continue
-            try:
-                if len(tok) != 6:
-                    raise ValueError
-                values = [float(t) for t in tok[1:]]
-            except ValueError:
-                raise LabelError(f"{f}:{lineno}: expected 'image score x1 y1 x2 y2', got {line.strip()!r}") from None
-            if tok[0] not in rows:
-                raise LabelError(f'{f}:{lineno}: image {tok[0]!r} has no label file in the labels folder')
-            rows[tok[0]].append([index[name], *values])
-    out = {}
-    for i, r in rows.items():
-        r = np.asarray(r, np.float64).reshape(-1, 6)
-        out[i] = {'labels': r[:, 0].astype(np.int64), 'scores': r[:, 1], 'boxes': r[:, 2:]}
-    return out
-
-
-def write_submission(out_dir, dets, class_names):
-    """DOTA task-2 submission files OUT_DIR/Task2_<class>.txt from {image id: detections}."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = {c: [] for c in range(len(class_names))}
-    for image_id, d in sorted(dets.items()):
-        for c, s, b in zip(np.asarray(d['labels']), np.asarray(d['scores']), np.asarray(d['boxes'])):
-            lines[int(c)].append(f'{image_id} {s:.6f} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}\n')
-    for c, name in enumerate(class_names):
-        (out_dir / f'Task2_{name}.txt').write_text(''.join(lines[c]))
-
-
-# ------------------------------------------------------------------------------------------------- merging
-def nms(boxes, scores, iou_thr):
-    """Exact greedy NMS (the sequential definition) without a loop over boxes: in rounds, a box is kept when no
-    higher-scored box that is kept or still undecided overlaps it by more than iou_thr, and suppressed when a kept
-    one does. The rounds are as many as the longest chain of overlaps (a few). -> kept indices, by score."""
-    order = scores.argsort(descending=True, stable=True)
-    b = boxes[order]
-    lt, rb = torch.maximum(b[:, None, :2], b[None, :, :2]), torch.minimum(b[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
-    over = (inter / (area[:, None] + area[None] - inter).clamp(min=1e-9) > iou_thr).triu(1)  # over[i, j]: i > j
-    state = torch.zeros(len(b), dtype=torch.int8)  # 0 undecided, 1 kept, -1 suppressed
-    while (state == 0).any():
-        alive = (state >= 0).to(torch.int8)
-        blocked = (over.to(torch.int8) * alive[:, None]).any(0)  # a higher-scored kept/undecided box overlaps
-        state[(state == 0) & ~blocked] = 1
-        state[(state == 0) & (over & (state == 1)[:, None]).any(0)] = -1
-    return order[state == 1]
-
-
-def merge_tiles(tile_dets, iou_thr=0.5):
-    """{tile name: detections in tile pixels} -> {image id: detections in full-image pixels}: a box p of tile
-    <id>__<rate>__<left>___<top> becomes (p + (left, top)) / rate; then class-wise NMS removes the duplicates that
-    overlapping tiles produce along their seams."""
-    by_image = {}
-    for name, d in tile_dets.items():
-        image_id, rate, left, top = parse_tile_name(name)
-        boxes = (torch.as_tensor(d['boxes'], dtype=torch.float64) + torch.tensor([left, top, left, top])) / rate
-        by_image.setdefault(image_id, []).append((boxes, torch.as_tensor(d['scores'], dtype=torch.float64),
-                                                  torch.as_tensor(d['labels'])))
-    merged = {}
-    for image_id, parts in by_image.items():
-        boxes, scores, labels = (torch.cat(x) for x in zip(*parts))
-        keep = torch.cat([torch.nonzero(labels == c).squeeze(1)[nms(boxes[labels == c], scores[labels == c], iou_thr)]
-                          for c in labels.unique()] + [torch.zeros(0, dtype=torch.long)])
-        keep = keep[scores[keep].argsort(descending=True, stable=True)]
-        merged[image_id] = {'boxes': boxes[keep].numpy(), 'scores': scores[keep].numpy(),
-                            'labels': labels[keep].numpy()}
-    return merged
-
-
 # ------------------------------------------------------------------------------------------------- pictures
 PALETTE = [(255, 56, 56), (255, 157, 151), (255, 112, 31), (255, 178, 29), (207, 210, 49), (72, 249, 10),
            (146, 204, 23), (61, 219, 134), (26, 147, 52), (0, 212, 187), (44, 153, 168), (0, 194, 255),
@@ -217,7 +120,11 @@ def draw_grid(images, dets, class_names, path, tile=384, min_score=0.25):
             c = int(d['labels'][j])
             colour = PALETTE[c % len(PALETTE)]
             box = [float(v) * scale for v in d['boxes'][j]]
-            draw.rectangle(box, outline=colour, width=1)
+            if len(box) == 8:  # a polygon: the oriented box
+                draw.polygon(box, outline=colour, width=1)
+                box = [min(box[0::2]), min(box[1::2])]
+            else:
+                draw.rectangle(box, outline=colour, width=1)
             text = class_names[c] if scores is None else f'{class_names[c]} {float(scores[j]):.2f}'
             draw.text((box[0], max(box[1] - 10, 0)), text, fill=colour)
         grid.paste(im, ((i % cols) * tile, (i // cols) * tile))
@@ -236,15 +143,23 @@ def score(preds, gts, class_names, protocol='coco', difficult='ignore', max_dets
                         if sizes else '')
 
 
+def as_polygons(d):
+    """A target or detection dict with oriented boxes (n, 5) -> the same with their corners (n, 8), the form the
+    evaluator, the pictures and the Task1 files use; axis-aligned boxes pass unchanged."""
+    b = np.asarray(d['boxes'])
+    return {**d, 'boxes': obb_to_poly(b).reshape(-1, 8)} if b.ndim == 2 and b.shape[1] == 5 else d
+
+
 @torch.no_grad()
 def predict(model, loader, device, conf=0.001, max_det=1000):
-    """Yield (images, targets, detections) batch by batch."""
+    """Yield (images, targets, detections) batch by batch; oriented boxes as polygons (n, 8) (as_polygons)."""
     model.eval()
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     for images, targets in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
             out = model(to_input(images, targets, device))
-        yield images, targets, postprocess(out, max_det, conf, [t['size'] for t in targets])  # unpadded sizes
+        dets = postprocess(out, max_det, conf, [t['size'] for t in targets])  # clipped to the unpadded sizes
+        yield images, [as_polygons(t) for t in targets], [as_polygons(d) for d in dets]
 
 
 def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_dir=None, n_pictures=3,
@@ -266,7 +181,8 @@ def load_detector(path, device):
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     a = ckpt['args']
     model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'],
-                     a.get('stride', 8), a.get('dec_layers', 0), a.get('num_queries', 1000))
+                     a.get('stride', 8), a.get('dec_layers', 0), a.get('num_queries', 1000),
+                     obb=a.get('boxes', 'hbb') == 'obb')
     model.load_state_dict(ckpt['model'])
     return model.to(device), ckpt
 
@@ -274,7 +190,8 @@ def load_detector(path, device):
 def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--ckpt', default=None, help='a finetune.py checkpoint (model mode)')
-    ap.add_argument('--dets', default=None, help='a folder of Task2_<class>.txt files (offline mode, needs --labels)')
+    ap.add_argument('--dets', default=None, help='a folder of Task1_<class>.txt (oriented) or Task2_<class>.txt '
+                                                 'files (offline mode, needs --labels)')
     ap.add_argument('--labels', default=None, help='labelTxt folder of the full images (offline mode and --merge)')
     ap.add_argument('--protocol', choices=['coco', 'dota'], default=None, help='coco-style table or the official '
                     'DOTA task-2 number (default: dota with --merge, coco otherwise)')
@@ -318,8 +235,9 @@ def main(argv=None):
         if not args.labels:
             raise SystemExit('--dets needs --labels (the labelTxt folder of the same images)')
         class_names = CLASSES[args.classes or 'dota1.0']
-        gts = read_labels(args.labels, class_names)
-        dets = read_submission(args.dets, class_names, list(gts))
+        task = submission_task(args.dets)
+        gts = read_labels(args.labels, class_names, task)
+        dets = read_submission(args.dets, class_names, list(gts), task)
         res, text = score([dets[i] for i in gts], list(gts.values()), class_names, args.protocol, args.difficult,
                           args.max_dets, args.sizes)
     elif args.ckpt:
@@ -338,12 +256,13 @@ def main(argv=None):
             tile_dets = {t['name']: d for _, targets, dets in predict(model, loader, device, args.conf, args.max_det)
                          for t, d in zip(targets, dets)}
             merged = merge_tiles(tile_dets, args.nms_iou)
+            task = 1 if a.get('boxes') == 'obb' else 2
             if not args.labels:  # the test split: files for the evaluation server, nothing to score here
                 write_submission(out / 'submission', merged, class_names)
                 print(f'{len(merged)} images; submission files (no --labels, so no score): '
-                      f'{out / "submission"}/Task2_<class>.txt')
+                      f'{out / "submission"}/Task{task}_<class>.txt')
                 return
-            gts = read_labels(args.labels, class_names)
+            gts = read_labels(args.labels, class_names, task)
             missing = sorted(set(merged) - set(gts))
             if missing:
                 raise SystemExit(f'tiles of {len(missing)} images without a label file in {args.labels}, e.g. '
@@ -352,7 +271,7 @@ def main(argv=None):
             empty = {'boxes': np.zeros((0, 4)), 'scores': np.zeros(0), 'labels': np.zeros(0, np.int64)}
             res, text = score([merged.get(i, empty) for i in gts], list(gts.values()), class_names, args.protocol,
                               args.difficult, args.max_dets, args.sizes)
-            text += f'\nsubmission files: {out / "submission"}/Task2_<class>.txt'
+            text += f'\nsubmission files: {out / "submission"}/Task{task}_<class>.txt'
         else:
             res, text = run_eval(model, loader, class_names, device, args.conf, args.max_det, out,
                                  difficult=args.difficult, protocol=args.protocol, sizes=args.sizes)

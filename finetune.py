@@ -45,6 +45,10 @@ def get_parser():
                                                                          "required with --ckpt none")
     ap.add_argument('--patch-size', type=int, default=None, help='patch size; read from --ckpt (16 with none)')
     ap.add_argument('--img-size', type=int, default=512, help='training crop side (default: %(default)s)')
+    ap.add_argument('--boxes', choices=['hbb', 'obb'], default='hbb',
+                    help='hbb: axis-aligned boxes (DOTA task 2); obb: oriented boxes (cx, cy, w, h, theta) from the '
+                         'label polygons (task 1), trained with ProbIoU, evaluated by polygon IoU (default: '
+                         '%(default)s)')
     ap.add_argument('--no-flips', action='store_true', help='train without the random flips and 90-degree turns '
                                                             '(random crops stay): for overfitting checks')
     ap.add_argument('--strict', action='store_true', help='stop at a damaged image or a repaired label instead of '
@@ -126,7 +130,7 @@ def build(args):
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
-                    args.num_queries)
+                    args.num_queries, obb=args.boxes == 'obb')
 
 
 def layer_decay_parts(model, decay):
@@ -146,7 +150,8 @@ def shared_centre_share(ds, stride):
     for t in ds.targets:
         if len(t['boxes']) == 0:
             continue
-        c = ((t['boxes'][:, :2] + t['boxes'][:, 2:]) / 2 // stride).astype(np.int64)  # (n, 2) cell of each centre
+        b = t['boxes']  # (n, 4) xyxy or (n, 5) oriented, whose first two numbers are the centre
+        c = ((b[:, :2] if b.shape[1] == 5 else (b[:, :2] + b[:, 2:]) / 2) // stride).astype(np.int64)  # (n, 2)
         _, inverse, counts = np.unique(c, axis=0, return_inverse=True, return_counts=True)
         shared += int((counts[inverse.ravel()] > 1).sum())
         total += len(c)
@@ -166,9 +171,9 @@ def main(argv=None):
     class_names = CLASSES[args.classes]
     root = resolve_data(args.data)
     ds = DOTADataset(root, 'train', class_names, args.img_size, train=True, strict=args.strict,
-                     flips=not args.no_flips)
+                     flips=not args.no_flips, boxes=args.boxes)
     val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size,
-                             strict=args.strict)
+                             strict=args.strict, boxes=args.boxes)
     steps_per_epoch = len(ds) // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(ds)} training images are fewer than one step: --batch-size x GPUs = '
@@ -198,7 +203,7 @@ def main(argv=None):
     fwd = DDP(model, device_ids=[device] if cuda else None) if ddp else model
     fwd = torch.compile(fwd) if args.compile else fwd
     say = print if main0 else (lambda *a, **k: None)
-    say(f'detector: {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
+    say(f'detector ({args.boxes}): {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
         f'stride {model.stride}, {args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
         f'a training image: {most}), {len(ds)} train / {len(val_loader.dataset)} val images, {world} process(es)')
     for s in sorted({16, model.stride}, reverse=True):  # how often the one-cell-one-object assumption breaks

@@ -1,7 +1,8 @@
 """Detection metrics in numpy, written from the protocols' definitions: COCO-style AP and the official DOTA task-2.
 
 Inputs are per image: detections {boxes (D, 4) xyxy, scores (D,), labels (D,)} and ground truth {boxes (G, 4),
-labels (G,), difficult (G,)}, numpy or torch.
+labels (G,), difficult (G,)}, numpy or torch; or, for oriented boxes, boxes as polygons (D, 8) / (G, 8)
+(x1 y1 ... x4 y4, as in DOTA files), whose IoU is the exact polygon IoU (obb.polygon_iou) in both protocols.
 
 coco (the default, the per-class table): per image and class, detections in stable order of descending score; each
   takes the highest-IoU still-unmatched GT with IoU >= t, non-difficult GT preferred; a detection matched to a
@@ -18,8 +19,14 @@ dota (the official DOTA_devkit dota_evaluation_task2): one threshold, IoU > 0.5 
   with *all* GT of its class in its image and assigned to the max-IoU one: a difficult GT -> ignored, a GT already
   taken -> FP, else TP; AP is VOC07's 11-point AP (max precision at recall >= 0, 0.1, ..., 1.0, averaged); mAP is
   the mean over the dataset's fixed class list (a class without GT contributes 0, as in the devkit).
+  With polygons it is dota_evaluation_task1: the same rules with polygon IoU, GT corners read as floats (task 1
+  does not cut them), and the devkit's horizontal pre-filter (only GT whose axis-aligned box has IoU > 0 with the
+  detection's, +1 pixel convention, are compared; it saves work and changes no result: polygons that overlap
+  always pass it).
 """
 import numpy as np
+
+from obb import poly_iou_matrix, polygon_area
 
 IOU_THRS = np.linspace(0.5, 0.95, 10)
 REC_THRS = np.linspace(0.0, 1.0, 101)
@@ -38,8 +45,21 @@ def box_iou(a, b, plus_one=False):
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
+def as_boxes(x):
+    """(n, 4) boxes or (n, 8) polygons as float64 (n, k); an empty input becomes (0, 4)."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(len(x), -1) if x.size else x.reshape(0, x.shape[-1] if x.ndim == 2 else 4)
+
+
+def iou_matrix(a, b):
+    """(n, k) x (m, k) -> (n, m): box_iou for k = 4, exact polygon IoU for k = 8."""
+    return poly_iou_matrix(a, b) if as_boxes(a).shape[1] == 8 else box_iou(a, b)
+
+
 def sqrt_area(boxes):
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    boxes = as_boxes(boxes)
+    if boxes.shape[1] == 8:
+        return np.sqrt(polygon_area(boxes.reshape(-1, 4, 2)))
     return np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
 
 
@@ -55,7 +75,7 @@ def match_image(det_boxes, gt_boxes, gt_ignore, iou_thrs=IOU_THRS):
     tp, ignored = np.zeros((T, D), bool), np.zeros((T, D), bool)
     if D == 0 or G == 0:
         return tp, ignored
-    iou = box_iou(det_boxes, gt_boxes)  # (D, G)
+    iou = iou_matrix(det_boxes, gt_boxes)  # (D, G)
     thr = np.minimum(iou_thrs, 1 - 1e-10)[:, None]  # (T, 1), as pycocotools
     if ((iou >= thr.min()).sum(1) > 1).any():
         return match_sequential(iou, gt_ignore, thr)
@@ -109,8 +129,9 @@ def _coco_curves(records, n_gt):
 def evaluate_coco(preds, gts, num_classes, difficult='ignore', max_dets=None, by_size=False):
     """-> dict: n_gt (C,), n_pred (C,), ap (C, T) (nan where no GT), precision and recall (C,) at the confidence
     `conf` that maximizes the mean F1 over classes at IoU 0.5, and with by_size, ap_size {bin: (C, T)}."""
-    preds = [{k: np.asarray(p[k]) for k in ('boxes', 'scores', 'labels')} for p in preds]
-    gts = [{'boxes': np.asarray(g['boxes'], np.float64).reshape(-1, 4), 'labels': np.asarray(g['labels']),
+    preds = [{'boxes': as_boxes(p['boxes']), 'scores': np.asarray(p['scores']), 'labels': np.asarray(p['labels'])}
+             for p in preds]
+    gts = [{'boxes': as_boxes(g['boxes']), 'labels': np.asarray(g['labels']),
             'difficult': np.asarray(g['difficult'], bool) & (difficult == 'ignore')} for g in gts]
     n_gt, n_pred = np.zeros(num_classes, int), np.zeros(num_classes, int)
     per_image = []  # (class, sorted det indices, GT mask) for every image and class that has either
@@ -171,8 +192,8 @@ def voc07_ap(recall, precision):
 
 
 def evaluate_dota(preds, gts, num_classes):
-    """The official DOTA task-2 (HBB) evaluation. -> dict: ap (C,), n_gt (C,), n_pred (C,), recall (C,) at the end
-    of the ranking.
+    """The official DOTA task-2 (HBB) evaluation, or task 1 (OBB) when the boxes are polygons (n, 8).
+    -> dict: ap (C,), n_gt (C,), n_pred (C,), recall (C,) at the end of the ranking.
 
     A detection's GT is the max-IoU one among all GT of its class in its image, whatever came before, so it is
     found without a loop over detections; the order matters only for "already taken", which is the first
@@ -180,14 +201,16 @@ def evaluate_dota(preds, gts, num_classes):
     rows = []  # per image and class: class, score, IoU with its max-IoU GT, that GT's id, whether it is difficult
     n_gt, n_gt_seen = np.zeros(num_classes, int), 0
     for p, g in zip(preds, gts):
-        pb, ps, pl = (np.asarray(p[k]) for k in ('boxes', 'scores', 'labels'))
-        gb, gl = np.trunc(np.asarray(g['boxes'], np.float64).reshape(-1, 4)), np.asarray(g['labels'])
+        pb, ps, pl = as_boxes(p['boxes']), np.asarray(p['scores']), np.asarray(p['labels'])
+        gb, gl = as_boxes(g['boxes']), np.asarray(g['labels'])
+        task1 = gb.shape[1] == 8 or pb.shape[1] == 8
         gd = np.asarray(g['difficult'], bool)
         n_gt += np.bincount(gl[~gd].astype(int), minlength=num_classes)
         for c in np.unique(pl).astype(int):
             d, gc = np.flatnonzero(pl == c), np.flatnonzero(gl == c)
             if len(gc):
-                iou = box_iou(np.asarray(pb, np.float64).reshape(-1, 4)[d], gb[gc], plus_one=True)  # (D, G)
+                iou = (poly_iou_matrix(pb[d], gb[gc], plus_one_filter=True) if task1 else
+                       box_iou(pb[d], np.trunc(gb[gc]), plus_one=True))  # (D, G)
                 j = iou.argmax(1)
                 ov, gid, diff = iou[np.arange(len(d)), j], n_gt_seen + gc[j], gd[gc[j]]
             else:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, dets, gts
 from data import CLASSES, LabelError, parse_label_file
-from evaluate import merge_tiles, nms, read_labels, read_submission, write_submission
+from submission import merge_tiles, nms, read_labels, read_submission, write_submission
 from metrics import box_iou, evaluate_coco, evaluate_dota
 from prepare import split
 
