@@ -6,7 +6,9 @@ Every strategy returns index tensors with the same counts for every image of a b
 padding): context (B, Nc) and targets (B, M), disjoint, each sorted ascending, plus `target_is_object` (B, M).
 
 - random: MAE. M = round(mask_ratio * N) uniformly random patches are hidden; the rest is the context.
-- object: patches that overlap a ground-truth box (grown by `dilate` pixels) are hidden first. Each object patch is
+- object: patches that overlap a ground-truth box (grown by `dilate` pixels) are hidden first. The box is the
+  object's axis-aligned extent also when the detector is trained on oriented boxes (--boxes obb): for choosing
+  which patches to hide, the few extra background patches around a turned object cost nothing. Each object patch is
   left visible with probability `object_keep`, because if objects were always hidden the context encoder would
   never see one (only the EMA target would). The hidden set is filled up to M with random background patches, or
   the object patches are subsampled when they alone exceed M; kept object patches are hidden last, only when an

@@ -8,6 +8,7 @@ objects? Four rows at equal budgets on the synthetic data:
                        (--target pixels), then fine-tuning
 
     python bench/ablation.py [--pretrain-epochs 40] [--finetune-epochs 20] [--out runs/ablation]
+    python bench/ablation.py --boxes obb --out runs/ablation_obb     # oriented boxes on rows in any direction
 
 (b)-(d) pretrain for the same epochs on the same images; every row fine-tunes with the same recipe for the same
 epochs and is evaluated on the val split (best checkpoint by mAP50, as finetune.py keeps it). Printed: mAP50,
@@ -56,17 +57,23 @@ def print_table(results, bins):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--data', default='synthetic', help="dataset (default: %(default)s)")
+    ap.add_argument('--data', default=None, help="dataset (default: 'synthetic', or 'synthetic-rotated' with "
+                                                 '--boxes obb)')
+    ap.add_argument('--boxes', choices=['hbb', 'obb'], default='hbb', help='fine-tune and evaluate axis-aligned or '
+                    'oriented boxes (pretraining is the same: its masking uses the objects\' axis-aligned extent) '
+                    '(default: %(default)s)')
     ap.add_argument('--model', default='mini', help='ViT preset (default: %(default)s)')
     ap.add_argument('--patch-size', type=int, default=8, help='patch size (default: %(default)s)')
     ap.add_argument('--img-size', type=int, default=128, help='crop side (default: %(default)s)')
-    ap.add_argument('--pretrain-epochs', type=int, default=40, help='JEPA/MAE epochs of rows b-d (default: %(default)s)')
+    ap.add_argument('--pretrain-epochs', type=int, default=40, help='JEPA/MAE epochs of rows b-d '
+                                                                    '(default: %(default)s)')
     ap.add_argument('--finetune-epochs', type=int, default=20, help='fine-tuning epochs of every row '
                                                                     '(default: %(default)s)')
     ap.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS), help='rows to run (default: all)')
     ap.add_argument('--seed', type=int, default=0, help='seed of every run (default: %(default)s)')
     ap.add_argument('--out', default='runs/ablation', help='output folder (default: %(default)s)')
     args = ap.parse_args()
+    args.data = args.data or ('synthetic-rotated' if args.boxes == 'obb' else 'synthetic')
     out = Path(args.out).resolve()
     common = ['--data', args.data, '--img-size', args.img_size, '--device', 'cpu', '--workers', 1, '--seed', args.seed]
     results = {}
@@ -79,12 +86,12 @@ def main():
                      '--warmup-epochs', 3, '--out', row / 'pretrain')
         size = ['--model', args.model, '--patch-size', args.patch_size] if ckpt == 'none' else []
         t += run(row / 'finetune.log', 'finetune.py', '--ckpt', ckpt, *size, *common, '--epochs', args.finetune_epochs,
-                 '--batch-size', 16, *RECIPE, '--eval-every', 5, '--out', row / 'finetune')
+                 '--batch-size', 16, *RECIPE, '--boxes', args.boxes, '--eval-every', 5, '--out', row / 'finetune')
         t += run(row / 'evaluate.log', 'evaluate.py', '--ckpt', row / 'finetune' / 'best.pt', '--device', 'cpu',
                  '--workers', 1, '--sizes', '--json', row / 'eval.json')
         results[name] = (json.loads((row / 'eval.json').read_text()), t)
-    print(f'\nsynthetic val, {args.model} ViT/{args.patch_size}, {args.pretrain_epochs} pretraining + '
-          f'{args.finetune_epochs} fine-tuning epochs')
+    print(f'\n{args.data} val, {args.boxes} boxes, {args.model} ViT/{args.patch_size}, {args.pretrain_epochs} '
+          f'pretraining + {args.finetune_epochs} fine-tuning epochs')
     print_table({k: (r, t / 60) for k, (r, t) in results.items()}, ('tiny', 'small'))
     (out / 'results.json').write_text(json.dumps({k: v[0] for k, v in results.items()}, indent=2))
 

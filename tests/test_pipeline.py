@@ -72,3 +72,34 @@ def test_chain_end_to_end(tmp_path):
     assert 'best val mAP50' in out and 'stride 4' in out
     out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'scratch' / 'best.pt', '--workers', 0, cwd=tmp_path)
     assert out.splitlines()[0].split()[0] == 'Class'
+
+
+def test_oriented_chain_end_to_end(tmp_path):
+    """--boxes obb: fine-tune, evaluate on tiles (polygon IoU), merge tiles into images (polygon NMS) for the task-1
+    number and Task1 files, and the test split's Task1 files; the pictures draw polygons."""
+    data = tmp_path / 'synth'
+    run(ROOT / 'prepare.py', 'synth', '--out', data, '--n-train', 16, '--n-val', 4, '--size', 64, '--rotated',
+        cwd=tmp_path)
+    run(ROOT / 'prepare.py', 'split', '--src', data / 'val', '--dst', tmp_path / 'tiles' / 'val', '--size', 48,
+        '--gap', 16, '--workers', 1, cwd=tmp_path)
+    run(ROOT / 'prepare.py', 'split', '--src', data / 'train', '--dst', tmp_path / 'tiles' / 'train', '--size', 48,
+        '--gap', 16, '--workers', 1, cwd=tmp_path)
+    out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data',
+              tmp_path / 'tiles', '--boxes', 'obb', '--epochs', 2, '--eval-every', 1, '--head-dim', 32,
+              '--dec-layers', 1, '--img-size', 48, '--batch-size', 8, '--workers', 0, '--device', 'cpu', '--out',
+              tmp_path / 'ft', cwd=tmp_path)
+    assert 'detector (obb)' in out and 'best val mAP50' in out
+    out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--merge', '--labels',
+              data / 'val' / 'labelTxt', '--workers', 0, '--json', tmp_path / 'm.json', cwd=tmp_path)
+    assert 'All (mAP)' in out and 'Task1_<class>.txt' in out
+    lines = (tmp_path / 'ft' / 'submission' / 'Task1_ship.txt').read_text().splitlines()
+    assert lines and all(len(line.split()) == 10 for line in lines)  # image score x1 y1 ... x4 y4
+    assert not (tmp_path / 'ft' / 'submission' / 'Task2_ship.txt').exists()
+    merged = json.loads((tmp_path / 'm.json').read_text())
+    assert merged['protocol'] == 'dota' and 0 <= merged['map50_voc07'] <= 1
+    # offline: the files just written, read back as task 1, give the same number
+    out = run(ROOT / 'evaluate.py', '--dets', tmp_path / 'ft' / 'submission', '--labels', data / 'val' / 'labelTxt',
+              '--protocol', 'dota', '--json', tmp_path / 'o.json', cwd=tmp_path)
+    offline = json.loads((tmp_path / 'o.json').read_text())
+    assert offline['map50_voc07'] == pytest.approx(merged['map50_voc07'], abs=1e-3)
+    assert (tmp_path / 'ft' / 'val_batch0_pred.jpg').exists()
