@@ -150,24 +150,32 @@ def as_polygons(d):
     return {**d, 'boxes': obb_to_poly(b).reshape(-1, 8)} if b.ndim == 2 and b.shape[1] == 5 else d
 
 
+def as_hbb(d):
+    """Polygons (n, 8) -> their axis-aligned boxes (n, 4): how an oriented model is scored on task 2."""
+    b = np.asarray(d['boxes']).reshape(len(d['boxes']), -1, 2)
+    return {**d, 'boxes': np.concatenate([b.min(1), b.max(1)], 1)} if b.shape[1] == 4 else d
+
+
 @torch.no_grad()
-def predict(model, loader, device, conf=0.001, max_det=1000):
-    """Yield (images, targets, detections) batch by batch; oriented boxes as polygons (n, 8) (as_polygons)."""
+def predict(model, loader, device, conf=0.001, max_det=1000, hbb=False):
+    """Yield (images, targets, detections) batch by batch; oriented boxes as polygons (n, 8) (as_polygons), or with
+    hbb=True the detections as their axis-aligned boxes (n, 4)."""
     model.eval()
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     for images, targets in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
             out = model(to_input(images, targets, device))
         dets = postprocess(out, max_det, conf, [t['size'] for t in targets])  # clipped to the unpadded sizes
-        yield images, [as_polygons(t) for t in targets], [as_polygons(d) for d in dets]
+        dets = [as_polygons(d) for d in dets]
+        yield images, [as_polygons(t) for t in targets], [as_hbb(d) for d in dets] if hbb else dets
 
 
 def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_dir=None, n_pictures=3,
-             difficult='ignore', protocol='coco', sizes=False):
+             difficult='ignore', protocol='coco', sizes=False, hbb=False):
     """Inference, evaluation on the loader's images, and (if out_dir) the val_batch{k}_labels/_pred.jpg pictures.
     -> (result dict, table)."""
     preds, gts = [], []
-    for k, (images, targets, dets) in enumerate(predict(model, loader, device, conf, max_det)):
+    for k, (images, targets, dets) in enumerate(predict(model, loader, device, conf, max_det, hbb)):
         preds += dets
         gts += targets
         if out_dir is not None and k < n_pictures:
@@ -196,6 +204,9 @@ def get_parser():
     ap.add_argument('--protocol', choices=['coco', 'dota'], default=None, help='coco-style table or the official '
                     'DOTA task-2 number (default: dota with --merge, coco otherwise)')
     ap.add_argument('--sizes', action='store_true', help='also print AP by object size (coco protocol)')
+    ap.add_argument('--task', type=int, choices=[1, 2], default=None, help='model mode: 1 = oriented boxes (a '
+                    '--boxes obb model), 2 = axis-aligned boxes; task 2 of an oriented model scores the axis-aligned '
+                    "boxes of its oriented ones (default: the model's own)")
     ap.add_argument('--merge', action='store_true', help='model mode: map tile detections to full images (tile names '
                     '<id>__<rate>__<left>___<top>), NMS across seams, write submission files and, with --labels, '
                     'evaluate against them')
@@ -248,15 +259,19 @@ def main(argv=None):
             if getattr(args, flag) not in (None, a[flag]):
                 raise SystemExit(f'--{flag.replace("_", "-")} {getattr(args, flag)} does not match the checkpoint '
                                  f'({a[flag]})')
+        own = 1 if a.get('boxes') == 'obb' else 2
+        task = args.task or own
+        if task < own:
+            raise SystemExit(f'{args.ckpt} predicts axis-aligned boxes: it has no task-1 (oriented) number')
         loader = make_loader(resolve_data(args.data or a['data']), args.split, class_names, None, args.batch_size,
-                             False, args.workers, a['patch_size'])
+                             False, args.workers, a['patch_size'], boxes='obb' if task == 1 else 'hbb')
+        hbb = task > own  # an oriented model scored on task 2
         out = Path(args.out or Path(args.ckpt).parent)
         out.mkdir(parents=True, exist_ok=True)
         if args.merge:
-            tile_dets = {t['name']: d for _, targets, dets in predict(model, loader, device, args.conf, args.max_det)
-                         for t, d in zip(targets, dets)}
+            tile_dets = {t['name']: d for _, targets, dets in predict(model, loader, device, args.conf, args.max_det,
+                                                                        hbb) for t, d in zip(targets, dets)}
             merged = merge_tiles(tile_dets, args.nms_iou)
-            task = 1 if a.get('boxes') == 'obb' else 2
             if not args.labels:  # the test split: files for the evaluation server, nothing to score here
                 write_submission(out / 'submission', merged, class_names)
                 print(f'{len(merged)} images; submission files (no --labels, so no score): '
@@ -274,7 +289,7 @@ def main(argv=None):
             text += f'\nsubmission files: {out / "submission"}/Task{task}_<class>.txt'
         else:
             res, text = run_eval(model, loader, class_names, device, args.conf, args.max_det, out,
-                                 difficult=args.difficult, protocol=args.protocol, sizes=args.sizes)
+                                 difficult=args.difficult, protocol=args.protocol, sizes=args.sizes, hbb=hbb)
             text += f'\npictures: {out}/val_batch{{0,1,2}}_{{labels,pred}}.jpg'
     else:
         raise SystemExit('give --ckpt (evaluate a model) or --dets with --labels (evaluate submission files)')

@@ -103,3 +103,11 @@ def test_oriented_chain_end_to_end(tmp_path):
     offline = json.loads((tmp_path / 'o.json').read_text())
     assert offline['map50_voc07'] == pytest.approx(merged['map50_voc07'], abs=1e-3)
     assert (tmp_path / 'ft' / 'val_batch0_pred.jpg').exists()
+    # the val tiles: task 1 (the model's own) and task 2 (the axis-aligned boxes of its oriented ones)
+    for task in (1, 2):
+        run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--task', task, '--workers', 0, '--json',
+            tmp_path / f't{task}.json', '--out', tmp_path / f'eval{task}', cwd=tmp_path)
+        assert 0 <= json.loads((tmp_path / f't{task}.json').read_text())['map50'] <= 1
+    out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--task', 2, '--merge', '--labels',
+              data / 'val' / 'labelTxt', '--workers', 0, '--out', tmp_path / 'eval2', cwd=tmp_path)
+    assert (tmp_path / 'eval2' / 'submission' / 'Task2_ship.txt').exists()
