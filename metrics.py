@@ -26,7 +26,7 @@ dota (the official DOTA_devkit dota_evaluation_task2): one threshold, IoU > 0.5 
 """
 import numpy as np
 
-from obb import poly_iou_matrix, polygon_area
+from obb import poly_iou_blocks, poly_iou_matrix, polygon_area
 
 IOU_THRS = np.linspace(0.5, 0.95, 10)
 REC_THRS = np.linspace(0.0, 1.0, 101)
@@ -198,25 +198,31 @@ def evaluate_dota(preds, gts, num_classes):
     A detection's GT is the max-IoU one among all GT of its class in its image, whatever came before, so it is
     found without a loop over detections; the order matters only for "already taken", which is the first
     occurrence of each GT in the ranking."""
-    rows = []  # per image and class: class, score, IoU with its max-IoU GT, that GT's id, whether it is difficult
-    n_gt, n_gt_seen = np.zeros(num_classes, int), 0
+    rows, blocks = [], []  # per image and class: the detections and GT to compare
+    n_gt, n_gt_seen, task1 = np.zeros(num_classes, int), 0, False
     for p, g in zip(preds, gts):
         pb, ps, pl = as_boxes(p['boxes']), np.asarray(p['scores']), np.asarray(p['labels'])
         gb, gl = as_boxes(g['boxes']), np.asarray(g['labels'])
-        task1 = gb.shape[1] == 8 or pb.shape[1] == 8
+        task1 |= gb.shape[1] == 8 or pb.shape[1] == 8
         gd = np.asarray(g['difficult'], bool)
         n_gt += np.bincount(gl[~gd].astype(int), minlength=num_classes)
         for c in np.unique(pl).astype(int):
             d, gc = np.flatnonzero(pl == c), np.flatnonzero(gl == c)
-            if len(gc):
-                iou = (poly_iou_matrix(pb[d], gb[gc], plus_one_filter=True) if task1 else
-                       box_iou(pb[d], np.trunc(gb[gc]), plus_one=True))  # (D, G)
-                j = iou.argmax(1)
-                ov, gid, diff = iou[np.arange(len(d)), j], n_gt_seen + gc[j], gd[gc[j]]
-            else:
-                ov, gid, diff = np.full(len(d), -np.inf), np.full(len(d), -1), np.zeros(len(d), bool)
-            rows.append((np.full(len(d), c), ps[d].astype(np.float64), ov, gid, diff))
+            rows.append((c, ps[d].astype(np.float64), n_gt_seen + gc, gd[gc]))
+            blocks.append((pb[d], gb[gc]))
         n_gt_seen += len(gl)  # GT ids unique over the dataset
+    if task1 and any(x.shape[1] == 4 and len(x) for blk in blocks for x in blk):
+        raise ValueError('some images have polygons (n, 8) and others axis-aligned boxes (n, 4): one kind only')
+    if task1:  # every polygon pair of every image at once
+        ious = poly_iou_blocks(blocks, plus_one_filter=True)
+    else:
+        ious = [box_iou(a, np.trunc(b), plus_one=True) for a, b in blocks]
+    for k, ((c, s, gids, gdiff), iou) in enumerate(zip(rows, ious)):  # (D, G): each detection's max-IoU GT
+        if iou.shape[1]:
+            j = iou.argmax(1)
+            rows[k] = (np.full(len(s), c), s, iou[np.arange(len(s)), j], gids[j], gdiff[j])
+        else:
+            rows[k] = (np.full(len(s), c), s, np.full(len(s), -np.inf), np.full(len(s), -1), np.zeros(len(s), bool))
     cls, score, ov, gid, diff = (np.concatenate([r[k] for r in rows]) if rows else np.zeros(0) for k in range(5))
     ap, n_pred, rec_end = np.zeros(num_classes), np.zeros(num_classes, int), np.zeros(num_classes)
     for c in range(num_classes):

@@ -125,18 +125,37 @@ def polygon_iou(p, q):
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def poly_iou_matrix(a, b, plus_one_filter=False, chunk=200_000):
+def poly_iou_matrix(a, b, plus_one_filter=False):
     """All-pairs IoU of polygons a (n, 8) and b (m, 8) -> (n, m) float64. Only pairs whose axis-aligned extents
     overlap are clipped (the others are 0); plus_one_filter: decide "overlap" by the DOTA devkit's horizontal
     pre-filter, HBB IoU > 0 with the +1 pixel convention (it lets through pairs up to 1 px apart, whose polygon IoU
-    is then 0, so the filter changes which pairs are computed, never a value). Clipped in chunks of `chunk` pairs."""
-    a = np.asarray(a, np.float64).reshape(-1, 4, 2)
-    b = np.asarray(b, np.float64).reshape(-1, 4, 2)
+    is then 0, so the filter changes which pairs are computed, never a value)."""
+    return poly_iou_blocks([(a, b)], plus_one_filter)[0]
+
+
+def poly_iou_blocks(blocks, plus_one_filter=False, chunk=200_000):
+    """poly_iou_matrix of many (a, b) pairs at once -> a list of (n_k, m_k) matrices. The candidate pairs of all
+    blocks are clipped together, in chunks of `chunk` pairs: an evaluation has thousands of small blocks (an image
+    and a class each), and one vectorized call per block would cost more in call overhead than in arithmetic."""
     e = 1.0 if plus_one_filter else 0.0
-    lo_a, hi_a, lo_b, hi_b = a.min(1), a.max(1), b.min(1), b.max(1)  # (n, 2), (m, 2) extents
-    wh = np.minimum(hi_a[:, None], hi_b[None]) - np.maximum(lo_a[:, None], lo_b[None]) + e  # (n, m, 2)
-    i, j = np.nonzero((wh > 0).all(-1))
-    out = np.zeros((len(a), len(b)))
-    for s in range(0, len(i), chunk):
-        out[i[s:s + chunk], j[s:s + chunk]] = polygon_iou(a[i[s:s + chunk]], b[j[s:s + chunk]])
+    out, P, Q, where = [], [], [], []
+    for a, b in blocks:
+        a = np.asarray(a, np.float64).reshape(-1, 4, 2)
+        b = np.asarray(b, np.float64).reshape(-1, 4, 2)
+        lo_a, hi_a, lo_b, hi_b = a.min(1), a.max(1), b.min(1), b.max(1)  # (n, 2), (m, 2) extents
+        wh = np.minimum(hi_a[:, None], hi_b[None]) - np.maximum(lo_a[:, None], lo_b[None]) + e  # (n, m, 2)
+        i, j = np.nonzero((wh > 0).all(-1))
+        out.append(np.zeros((len(a), len(b))))
+        P.append(a[i])
+        Q.append(b[j])
+        where.append((i, j))
+    if not out:
+        return out
+    P, Q = np.concatenate(P), np.concatenate(Q)
+    values = np.concatenate([polygon_iou(P[s:s + chunk], Q[s:s + chunk]) for s in range(0, len(P), chunk)] or
+                            [np.zeros(0)])
+    start = 0
+    for m, (i, j) in zip(out, where):
+        m[i, j] = values[start:start + len(i)]
+        start += len(i)
     return out
