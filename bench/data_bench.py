@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import CLASSES, collate, make_loader, orient  # noqa: E402
+from data import CLASSES, Loader, collate, make_loader, orient  # noqa: E402
 from prepare import split, synth_image  # noqa: E402
 
 
@@ -45,6 +45,15 @@ def decode_rate(files, to_array=False):
         with Image.open(f) as im:
             np.asarray(im) if to_array else im.load()
     return len(files) / (time.perf_counter() - t0)
+
+
+class NoCopyLoader(Loader):
+    """The training loader without its batch copy: a batch is the list of its items. Not usable for training (the
+    images differ in size); it measures what decoding and holding a batch's images costs without the copy."""
+
+    def _batch(self, keys):
+        items = [self.dataset[k] for k in keys]
+        return [im for im, _ in items], [t for _, t in items]
 
 
 def loader_rate(loader):
@@ -79,6 +88,9 @@ def main():
                     for _ in range(args.repeat)]
             dec, arr, load = (float(np.median(x)) for x in zip(*runs))
             rates[fmt] = (dec, load, arr)
+            if fmt == 'jpg':
+                nocopy = NoCopyLoader(loader.dataset, 4, 16, 1, shuffle=True, drop_last=True)
+                rates['nocopy'] = float(np.median([loader_rate(nocopy) for _ in range(args.repeat)]))
             print(f'{fmt}: {len(files[fmt])} tiles; Pillow decode {dec:.1f} tiles/s, decode to array {arr:.1f} '
                   f'tiles/s; loader (1 worker, crop {args.img_size}) {load:.1f} tiles/s; ratio loader/decode '
                   f'{load / dec:.2f}, loader/decode-to-array {load / arr:.2f}')
@@ -101,6 +113,8 @@ def main():
         print(f'JPEG q95 decodes {rates["jpg"][0] / rates["png"][0]:.1f}x faster than PNG; PSNR of JPEG tiles vs PNG '
               f'{psnr:.1f} dB')
         dec, load, arr = rates['jpg']
+        print(f'jpg without the batch copy (decode, crop, hold the batch\'s images): {rates["nocopy"]:.1f} tiles/s, '
+              f'{rates["nocopy"] / arr:.2f} of decode-to-array')
         print(f'jpg loader/decode-to-array ratio (goal >= 0.85): {load / arr:.2f}; loader/raw decode: {load / dec:.2f}')
 
 
