@@ -344,9 +344,10 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     src, tgt = torch.cat(src).float(), torch.cat(tgt)
     loss_l1 = (l1_form(src) - l1_form(tgt)).abs().sum() / stride / n  # 0 (with a gradient path) when there is no GT
     g, iou = overlap(src, tgt)
+    oriented = src.shape[-1] == 5  # then g is ProbIoU and the term is logged as such
     loss_giou = (1 - g).sum() / n
     total = w_cls * loss_cls + w_l1 * loss_l1 + w_giou * loss_giou
-    parts = {'cls': loss_cls.detach(), 'l1': loss_l1.detach(), 'giou': loss_giou.detach(),
+    parts = {'cls': loss_cls.detach(), 'l1': loss_l1.detach(), 'probiou' if oriented else 'giou': loss_giou.detach(),
              'iou': iou.detach().mean() if iou.numel() else torch.zeros(()),
              'above_0.3_per_gt': (logits.detach().float() > math.log(0.3 / 0.7)).sum() / n}  # sigmoid > 0.3
     return total, parts, found
