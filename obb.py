@@ -126,7 +126,9 @@ def polygon_iou(p, q):
 
 
 def poly_iou_matrix(a, b, plus_one_filter=False):
-    """All-pairs IoU of polygons a (n, 8) and b (m, 8) -> (n, m) float64. Only pairs whose axis-aligned extents
+    """All-pairs IoU of polygons a (n, 8) and b (m, 8) -> (n, m) float64, exact when a's polygons are convex (b's may
+    be any simple polygon: pass detections, which are rectangles here, as a and label polygons, hand-clicked and so
+    possibly not convex, as b). Only pairs whose axis-aligned extents
     overlap are clipped (the others are 0); plus_one_filter: decide "overlap" by the DOTA devkit's horizontal
     pre-filter, HBB IoU > 0 with the +1 pixel convention (it lets through pairs up to 1 px apart, whose polygon IoU
     is then 0, so the filter changes which pairs are computed, never a value)."""
@@ -151,8 +153,8 @@ def poly_iou_blocks(blocks, plus_one_filter=False, chunk=200_000):
         where.append((i, j))
     if not out:
         return out
-    P, Q = np.concatenate(P), np.concatenate(Q)
-    values = np.concatenate([polygon_iou(P[s:s + chunk], Q[s:s + chunk]) for s in range(0, len(P), chunk)] or
+    P, Q = np.concatenate(P), np.concatenate(Q)  # b's polygons are the subjects, clipped by a's edges
+    values = np.concatenate([polygon_iou(Q[s:s + chunk], P[s:s + chunk]) for s in range(0, len(P), chunk)] or
                             [np.zeros(0)])
     start = 0
     for m, (i, j) in zip(out, where):

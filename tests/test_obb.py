@@ -66,6 +66,18 @@ def test_polygon_iou_matches_shapely_on_random_convex_quads():
     np.testing.assert_allclose(m[np.arange(40), np.arange(40)], ref[:40], atol=1e-9)
 
 
+def test_non_convex_label_polygon_against_a_rectangle():
+    """A hand-clicked label polygon need not be convex: poly_iou_matrix clips it (b) by the detection (a)."""
+    shapely = pytest.importorskip('shapely.geometry', reason='shapely (requirements-dev.txt) is the reference')
+    dart = np.array([0.0, 0, 10, 5, 0, 10, 4, 5])  # concave at (4, 5)
+    rects = obb_to_poly([[5.0, 5, 10, 6, 0.0], [3, 5, 8, 8, 0.5], [8, 5, 4, 12, 0.0]]).reshape(-1, 8)
+    got = poly_iou_matrix(rects, dart[None])[:, 0]
+    for r, v in zip(rects, got):
+        a, b = shapely.Polygon(r.reshape(4, 2)), shapely.Polygon(dart.reshape(4, 2))
+        inter = a.intersection(b).area
+        assert v == pytest.approx(inter / (a.area + b.area - inter), abs=1e-12)
+
+
 def test_min_area_rectangle_round_trip_and_convention():
     rng = np.random.default_rng(1)
     boxes = np.stack([*rng.uniform(0, 100, (2, 500)), rng.uniform(5, 40, 500), rng.uniform(1, 5, 500),
