@@ -303,8 +303,7 @@ def random_dihedral(boxes, size, generator=None):
             cx, t = w - cx, -t
         if flips[2]:
             cy, t = h - cy, -t
-        t = torch.from_numpy(wrap_angle(t.double().numpy())).to(boxes.dtype)
-        return torch.stack([cx, cy, bw, bh, t], 1), flips
+        return torch.stack([cx, cy, bw, bh, wrap_angle(t.double()).to(boxes.dtype)], 1), flips
     if flips[0]:
         boxes = boxes[:, [1, 0, 3, 2]]
     if flips[1]:

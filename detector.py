@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from obb import wrap_angle
+
 
 def giou(a, b):
     """Generalized IoU of boxes a (..., 4) and b (..., 4), xyxy, broadcasting. -> (giou, iou), each (...).
@@ -382,7 +384,7 @@ def postprocess(out, max_det=1000, conf=0.001, sizes=None):
         s, i = scores[b][keep], idx[b][keep]
         bx = boxes[b, i // C].float()
         if bx.shape[-1] == 5:  # oriented: the angle into [-pi/2, pi/2), the box not clipped
-            bx = torch.cat([bx[:, :4], torch.remainder(bx[:, 4:] + math.pi / 2, math.pi) - math.pi / 2], 1)
+            bx = torch.cat([bx[:, :4], wrap_angle(bx[:, 4:])], 1)
         elif sizes is not None:
             h, w = sizes[b]
             bx = torch.minimum(bx.clamp(min=0), torch.tensor([w, h, w, h], dtype=bx.dtype, device=bx.device))

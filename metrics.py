@@ -217,13 +217,14 @@ def evaluate_dota(preds, gts, num_classes):
         ious = poly_iou_blocks(blocks, plus_one_filter=True)
     else:
         ious = [box_iou(a, np.trunc(b), plus_one=True) for a, b in blocks]
-    for k, ((c, s, gids, gdiff), iou) in enumerate(zip(rows, ious)):  # (D, G): each detection's max-IoU GT
+    hits = []  # per image and class: class, score, IoU with the max-IoU GT, that GT's id, whether it is difficult
+    for (c, s, gids, gdiff), iou in zip(rows, ious):  # iou (D, G)
         if iou.shape[1]:
             j = iou.argmax(1)
-            rows[k] = (np.full(len(s), c), s, iou[np.arange(len(s)), j], gids[j], gdiff[j])
+            hits.append((np.full(len(s), c), s, iou[np.arange(len(s)), j], gids[j], gdiff[j]))
         else:
-            rows[k] = (np.full(len(s), c), s, np.full(len(s), -np.inf), np.full(len(s), -1), np.zeros(len(s), bool))
-    cls, score, ov, gid, diff = (np.concatenate([r[k] for r in rows]) if rows else np.zeros(0) for k in range(5))
+            hits.append((np.full(len(s), c), s, np.full(len(s), -np.inf), np.full(len(s), -1), np.zeros(len(s), bool)))
+    cls, score, ov, gid, diff = (np.concatenate([r[k] for r in hits]) if hits else np.zeros(0) for k in range(5))
     ap, n_pred, rec_end = np.zeros(num_classes), np.zeros(num_classes, int), np.zeros(num_classes)
     for c in range(num_classes):
         k = np.flatnonzero(cls == c)

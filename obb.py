@@ -39,8 +39,8 @@ def obb_to_poly(boxes):
 
 
 def wrap_angle(theta):
-    """Angles -> [-pi/2, pi/2) (a box's angle has period pi)."""
-    return np.mod(np.asarray(theta) + np.pi / 2, np.pi) - np.pi / 2
+    """Angles (a numpy array or a torch tensor) -> [-pi/2, pi/2) (a box's angle has period pi)."""
+    return (theta + np.pi / 2) % np.pi - np.pi / 2
 
 
 def poly_to_obb(polys):

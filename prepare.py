@@ -261,7 +261,7 @@ def resolve_data(data):
     -> data/synthetic-rotated (rows in any direction; the synthetic sets are made on first use)."""
     names = {'dota': 'data/dota', 'synthetic': 'data/synthetic', 'synthetic-rotated': 'data/synthetic-rotated'}
     root = Path(names.get(data, data))
-    if data.startswith('synthetic') and data in names and not (root / '.complete').exists():
+    if data in ('synthetic', 'synthetic-rotated') and not (root / '.complete').exists():
         print(f'generating the synthetic dataset in {root} (once)')
         make_synthetic(root, rotated=data == 'synthetic-rotated')
     if not root.is_dir():
