@@ -41,6 +41,7 @@ import runtime
 from data import CLASSES, DOTADataset, epoch_loader, to_input
 from prepare import resolve_data
 from masking import MODES, make_masks
+from probe import Probe, describe
 from model import PRESETS, Predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
 
@@ -92,6 +93,10 @@ def get_parser():
                                                   'schedules still span --epochs (default: none)')
     a('--save-every', type=int, default=1000, help='also checkpoint every N optimizer steps (default: %(default)s)')
     a('--log-every', type=int, default=10, help='write a log.jsonl line every N steps (default: %(default)s)')
+    a('--probe-every', type=int, default=0, help='every N epochs (and at the end), fit the linear probe of probe.py '
+                                                 'on the frozen context encoder (train split) and log its val scores: '
+                                                 'when does it start to carry object information; 0 = off (default: '
+                                                 '%(default)s)')
     a('--collapse-std', type=float, default=0.05, help='warn when the std of the target features across tokens '
                                                        'falls below this (default: %(default)s)')
     return ap
@@ -191,6 +196,7 @@ def main(argv=None):
                     'args': vars(args)})
 
     log = open(os.path.join(args.out, 'log.jsonl'), 'a') if main0 else None
+    probe = None  # probe.Probe, built at its first use (it loads the train and val images once)
     for epoch in range(start_epoch, args.epochs):
         student.train()
         first = start_batch if epoch == start_epoch else 0
@@ -263,6 +269,14 @@ def main(argv=None):
                   f'{stats["target_std"].item():.3f}, predicting the mean target would give '
                   f'{stats["mean_baseline"].item():.4f} (last batch), {seen * world / (time.time() - t0):.1f} img/s')
         checkpoint(epoch + 1, 0)
+        if main0 and args.probe_every and ((epoch + 1) % args.probe_every == 0 or epoch + 1 == args.epochs):
+            probe = probe or Probe(args.data, CLASSES[args.classes], args.patch_size, workers=args.workers,
+                                   device=device)
+            r = probe(context)
+            log.write(json.dumps({'step': step, 'epoch': epoch + 1, **{f'probe_{k}': r[k] for k in
+                                                                       ('map', 'obj_ap', 'small_ap')}}) + '\n')
+            log.flush()
+            print(f'epoch {epoch + 1}: probe of the context encoder on val: {describe(r)}')
     if main0:
         log.close()
         print(f'saved {last}')
