@@ -131,6 +131,60 @@ def draw_grid(images, dets, class_names, path, tile=384, min_score=0.25):
     grid.save(path, quality=90)
 
 
+def _pyplot():
+    """matplotlib's pyplot on a file backend, or None: it is optional (pip install matplotlib), and without it only
+    the PNG curves are missing (the numbers are in the tables, JSON and results.csv)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_pr(res, class_names, path):
+    """PR_curve.png: each class's interpolated precision-recall curve at IoU 0.5 (res['pr50'] of evaluate_coco;
+    the area under it is the class's AP50), and their mean. -> whether it was drawn."""
+    plt = _pyplot()
+    if plt is None or 'pr50' not in res:
+        return False
+    has = res['n_gt'] > 0
+    recall = np.linspace(0, 1, res['pr50'].shape[1])
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=120)
+    for c in np.flatnonzero(has):
+        ax.plot(recall, res['pr50'][c], lw=1, label=f'{class_names[c]} {res["ap"][c, 0]:.3f}')
+    if has.any():
+        ax.plot(recall, res['pr50'][has].mean(0), lw=3, color='blue',
+                label=f'all classes {res["ap"][has, 0].mean():.3f} mAP50')
+    ax.set(xlabel='Recall', ylabel='Precision', xlim=(0, 1), ylim=(0, 1.01), title='Precision-recall at IoU 0.5')
+    ax.legend(loc='upper right', fontsize=7)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_results(csv_path, path):
+    """results.png: every column of a finetune.py results.csv against the epoch, one panel each (empty cells,
+    the epochs without evaluation, are skipped). -> whether it was drawn."""
+    plt = _pyplot()
+    lines = Path(csv_path).read_text().splitlines()
+    if plt is None or len(lines) < 2:
+        return False
+    head = lines[0].split(',')
+    cols = list(zip(*[line.split(',') for line in lines[1:]]))
+    epoch = np.array(cols[0], float)
+    fig, axes = plt.subplots(2, (len(head) - 1 + 1) // 2, figsize=(3 * ((len(head) - 1 + 1) // 2), 5.5), dpi=120)
+    for ax, name, col in zip(axes.ravel(), head[1:], cols[1:]):
+        ok = np.array([v != '' for v in col])
+        ax.plot(epoch[ok], np.array([float(v) for v in col if v != '']), marker='.', lw=1.5)
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 # ------------------------------------------------------------------------------------------------- model mode
 def score(preds, gts, class_names, protocol='coco', difficult='ignore', max_dets=None, sizes=False):
     """Evaluate with either protocol -> (result dict, printable text)."""
@@ -181,7 +235,10 @@ def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_d
         if out_dir is not None and k < n_pictures:
             draw_grid(images, targets, class_names, Path(out_dir) / f'val_batch{k}_labels.jpg')
             draw_grid(images, dets, class_names, Path(out_dir) / f'val_batch{k}_pred.jpg')
-    return score(preds, gts, class_names, protocol, difficult, sizes=sizes)
+    res, text = score(preds, gts, class_names, protocol, difficult, sizes=sizes)
+    if out_dir is not None:
+        plot_pr(res, class_names, Path(out_dir) / 'PR_curve.png')
+    return res, text
 
 
 def load_detector(path, device):
@@ -290,7 +347,8 @@ def main(argv=None):
         else:
             res, text = run_eval(model, loader, class_names, device, args.conf, args.max_det, out,
                                  difficult=args.difficult, protocol=args.protocol, sizes=args.sizes, hbb=hbb)
-            text += f'\npictures: {out}/val_batch{{0,1,2}}_{{labels,pred}}.jpg'
+            text += f'\npictures: {out}/val_batch{{0,1,2}}_{{labels,pred}}.jpg' + (
+                f', {out}/PR_curve.png' if _pyplot() else ' (PR_curve.png: pip install matplotlib)')
     else:
         raise SystemExit('give --ckpt (evaluate a model) or --dets with --labels (evaluate submission files)')
     print(text)

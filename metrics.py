@@ -106,8 +106,9 @@ def match_sequential(iou, gt_ignore, thr):
 
 
 def _coco_curves(records, n_gt):
-    """records: list of (scores (D,), tp (T, D), ignored (T, D)) of one class -> (AP (T,), scores, tp, fp) with
-    the detections sorted by descending score over all images (mergesort: stable, as pycocotools)."""
+    """records: list of (scores (D,), tp (T, D), ignored (T, D)) of one class -> (AP (T,), scores, tp, fp, the
+    interpolated precision at the 101 recall thresholds (T, 101): AP is its mean) with the detections sorted by
+    descending score over all images (mergesort: stable, as pycocotools)."""
     T = len(IOU_THRS)
     scores = np.concatenate([r[0] for r in records]) if records else np.zeros(0)
     order = np.argsort(-scores, kind='mergesort')
@@ -119,16 +120,18 @@ def _coco_curves(records, n_gt):
     recall = tpc / n_gt
     precision = tpc / np.maximum(tpc + fpc, np.spacing(1))
     envelope = np.maximum.accumulate(precision[:, ::-1], 1)[:, ::-1]  # non-increasing in recall
-    ap = np.zeros(T)
+    curve = np.zeros((T, len(REC_THRS)))
     for t in range(T) if len(scores) else ():
         i = np.searchsorted(recall[t], REC_THRS, side='left')
-        ap[t] = np.where(i < len(scores), envelope[t][np.minimum(i, len(scores) - 1)], 0.0).mean()
-    return ap, scores, tpc, fpc
+        curve[t] = np.where(i < len(scores), envelope[t][np.minimum(i, len(scores) - 1)], 0.0)
+    return curve.mean(1), scores, tpc, fpc, curve
 
 
 def evaluate_coco(preds, gts, num_classes, difficult='ignore', max_dets=None, by_size=False):
     """-> dict: n_gt (C,), n_pred (C,), ap (C, T) (nan where no GT), precision and recall (C,) at the confidence
-    `conf` that maximizes the mean F1 over classes at IoU 0.5, and with by_size, ap_size {bin: (C, T)}."""
+    `conf` that maximizes the mean F1 over classes at IoU 0.5, pr50 (C, 101): the interpolated precision at IoU 0.5
+    at recall 0, 0.01, ..., 1 (the precision-recall curve whose mean is AP50; nan where no GT), and with by_size,
+    ap_size {bin: (C, T)}."""
     preds = [{'boxes': as_boxes(p['boxes']), 'scores': np.asarray(p['scores']), 'labels': np.asarray(p['labels'])}
              for p in preds]
     gts = [{'boxes': as_boxes(g['boxes']), 'labels': np.asarray(g['labels']),
@@ -158,16 +161,17 @@ def evaluate_coco(preds, gts, num_classes, difficult='ignore', max_dets=None, by
                 ig |= ~tp & ~ig & ((ds < lo) | (ds >= hi))[None]
             records[c].append((p['scores'][d], tp, ig))
             n[c] += int((~ignore).sum())
-        ap = np.full((num_classes, len(IOU_THRS)), np.nan)
+        ap, pr50 = np.full((num_classes, len(IOU_THRS)), np.nan), np.full((num_classes, len(REC_THRS)), np.nan)
         for c in np.flatnonzero(n > 0):
-            ap[c] = _coco_curves(records[c], n[c])[0]
-        return ap, records
+            curves = _coco_curves(records[c], n[c])
+            ap[c], pr50[c] = curves[0], curves[4][0]
+        return ap, records, pr50
 
-    ap, records = class_ap()
+    ap, records, pr50 = class_ap()
     px = np.linspace(0, 1, 1000)  # confidence grid for the P/R/F1 curves (the Ultralytics convention)
     p_curve, r_curve = np.zeros((num_classes, 1000)), np.zeros((num_classes, 1000))
     for c in np.flatnonzero(n_gt > 0):
-        _, scores, tpc, fpc = _coco_curves(records[c], n_gt[c])
+        _, scores, tpc, fpc, _ = _coco_curves(records[c], n_gt[c])
         if len(scores):  # raw (not enveloped) precision and recall at IoU 0.5 as functions of confidence
             r_curve[c] = np.interp(-px, -scores, tpc[0] / n_gt[c], left=0)
             p_curve[c] = np.interp(-px, -scores, tpc[0] / np.maximum(tpc[0] + fpc[0], 1), left=1)
@@ -175,7 +179,7 @@ def evaluate_coco(preds, gts, num_classes, difficult='ignore', max_dets=None, by
     f1 = 2 * p_curve * r_curve / np.maximum(p_curve + r_curve, 1e-16)
     best = int(f1[has].mean(0).argmax()) if has.any() else 0
     res = {'n_gt': n_gt, 'n_pred': n_pred, 'ap': ap, 'precision': p_curve[:, best], 'recall': r_curve[:, best],
-           'conf': float(px[best])}
+           'conf': float(px[best]), 'pr50': pr50}
     if by_size:
         res['ap_size'] = {name: class_ap(lo, hi)[0] for name, lo, hi in SIZE_BINS}
     return res

@@ -121,6 +121,18 @@ class ViT(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def last_blocks(self, x, k):
+        """x (B, 3, H, W) -> the residual stream after each of the last k blocks (the last one through the final
+        norm, as forward returns it), k x (B, N, D): data2vec's multi-layer targets."""
+        B, _, H, W = x.shape
+        x = self.patch_embed(x) + sincos_pos_embed(self.dim, H // self.patch_size, W // self.patch_size, x.device)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - k:
+                outs.append(self.norm(x) if i == len(self.blocks) - 1 else x)
+        return outs
+
 
 def build_vit(name, patch_size, drop_path=0.0):
     if name not in PRESETS:

@@ -57,6 +57,10 @@ def get_parser():
     a('--strict', action='store_true', help='stop at a damaged image or a repaired label instead of skipping it '
                                             'with a counted warning')
     a('--epochs', type=int, default=100, help='passes over the train split (default: %(default)s)')
+    a('--time', type=float, default=None, help='a wall-clock budget in minutes: after each epoch the number of epochs '
+                                               'that fit (at the mean time per epoch so far) replaces --epochs and '
+                                               'the lr, weight-decay and EMA schedules are re-spanned over it '
+                                               '(default: off)')
     a('--batch-size', type=int, default=64, help='images per micro-batch (default: %(default)s)')
     a('--accum', type=int, default=1, help='micro-batches per optimizer step (default: %(default)s)')
     a('--lr', type=float, default=5e-4, help='peak learning rate of AdamW (default: %(default)s)')
@@ -78,6 +82,11 @@ def get_parser():
       help='loss on every hidden patch or on the hidden object patches only (default: %(default)s)')
     a('--target', default='latent', choices=['latent', 'pixels'],
       help='JEPA features of the EMA target, or MAE per-patch normalized pixels (default: %(default)s)')
+    a('--target-layers', type=int, default=1, help='latent targets: average the layer-normed outputs of the target '
+                                                   "encoder's last N blocks (data2vec) (default: %(default)s)")
+    a('--target-norm', default='layer', choices=['layer', 'instance'],
+      help="latent targets: per token (I-JEPA), or then also each channel over the image's tokens (data2vec) "
+           '(default: %(default)s)')
     a('--loss', default='mse', choices=['mse', 'smooth_l1'], help='regression loss (default: %(default)s)')
     a('--ema', type=float, nargs=2, default=[0.996, 1.0], metavar=('START', 'END'),
       help='EMA momentum of the target encoder, rising linearly (default: %(default)s)')
@@ -123,15 +132,28 @@ class Student(nn.Module):
         return self.predictor(z, ctx_idx, tgt_idx, x.shape[-2] // p, x.shape[-1] // p)
 
 
-def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse', patch_size=16):
+def latent_targets(target, x, layers=1, norm='layer'):
+    """The JEPA targets of x (B, 3, H, W) -> (B, N, D) float: the mean of the layer-normed outputs of the target
+    encoder's last `layers` blocks (1: its output, I-JEPA; more: data2vec), then with norm='instance' each channel
+    standardized over the image's tokens (data2vec): the per-image mean, which a predictor gets for free, leaves the
+    targets, and no channel dominates the loss by its spread alone."""
+    hs = [target(x)] if layers == 1 else target.last_blocks(x, layers)
+    h = torch.stack([F.layer_norm(t.float(), t.shape[-1:]) for t in hs]).mean(0)  # (B, N, D)
+    if norm == 'instance':
+        h = (h - h.mean(1, keepdim=True)) / (h.var(1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+    return h
+
+
+def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse', patch_size=16,
+              target_layers=1, target_norm='layer'):
     """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt); weight (B, Nt) or None (all hidden patches count).
     -> (loss, stats dict of detached tensors: target and prediction std across tokens, and mean_baseline: the loss
     that predicting each image's mean target at every hidden position would get; a loss not below it has learned
     nothing about *where* what is)."""
     with torch.no_grad():
         if target_kind == 'latent':
-            h = target(x)  # (B, N, D): the full image
-            h = F.layer_norm(h.float(), h.shape[-1:])  # normalized targets: a scale the predictor cannot shrink
+            h = latent_targets(target, x, target_layers, target_norm)  # (B, N, D): the full image, normalized: a
+            # scale the predictor cannot shrink
         else:
             h = patch_pixels(x.float(), patch_size)  # (B, N, p*p*3)
         h = h.gather(1, tgt_idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, Nt, D)
@@ -197,7 +219,8 @@ def main(argv=None):
 
     log = open(os.path.join(args.out, 'log.jsonl'), 'a') if main0 else None
     probe = None  # probe.Probe, built at its first use (it loads the train and val images once)
-    for epoch in range(start_epoch, args.epochs):
+    t_start, epoch = time.time(), start_epoch
+    while epoch < args.epochs:  # a while: --time changes args.epochs as it goes
         student.train()
         first = start_batch if epoch == start_epoch else 0
         loader = epoch_loader(ds, args.batch_size, args.patch_size, args.workers, args.seed, epoch, first, rank,
@@ -217,7 +240,8 @@ def main(argv=None):
             with model.no_sync() if ddp and not sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss, stats = jepa_loss(fwd_model, fwd_target, x, ctx_idx.to(device), tgt_idx.to(device), weight,
-                                            args.target, args.loss, args.patch_size)
+                                            args.target, args.loss, args.patch_size, args.target_layers,
+                                            args.target_norm)
                 loss_value = loss.item()  # the one host sync of a micro-batch: check, sum and progress bar
                 if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
                     raise FloatingPointError(f'loss is {loss_value} at step {step} (epoch {epoch + 1}, batch '
@@ -268,15 +292,19 @@ def main(argv=None):
             print(f'epoch {epoch + 1}: loss {loss_sum * args.batch_size / seen:.4f}, target std across tokens '
                   f'{stats["target_std"].item():.3f}, predicting the mean target would give '
                   f'{stats["mean_baseline"].item():.4f} (last batch), {seen * world / (time.time() - t0):.1f} img/s')
+        if args.time:  # the epochs that fit the budget, and the schedules spanned over them
+            args.epochs = runtime.epochs_in_budget(args.time, t_start, epoch, start_epoch, ddp)
+            total = args.epochs * steps_per_epoch
         checkpoint(epoch + 1, 0)
-        if main0 and args.probe_every and ((epoch + 1) % args.probe_every == 0 or epoch + 1 == args.epochs):
+        epoch += 1
+        if main0 and args.probe_every and (epoch % args.probe_every == 0 or epoch == args.epochs):
             probe = probe or Probe(args.data, CLASSES[args.classes], args.patch_size, workers=args.workers,
                                    device=device)
             r = probe(context)
-            log.write(json.dumps({'step': step, 'epoch': epoch + 1, **{f'probe_{k}': r[k] for k in
-                                                                       ('map', 'obj_ap', 'small_ap')}}) + '\n')
+            log.write(json.dumps({'step': step, 'epoch': epoch, **{f'probe_{k}': r[k] for k in
+                                                                   ('map', 'obj_ap', 'small_ap')}}) + '\n')
             log.flush()
-            print(f'epoch {epoch + 1}: probe of the context encoder on val: {describe(r)}')
+            print(f'epoch {epoch}: probe of the context encoder on val: {describe(r)}')
     if main0:
         log.close()
         print(f'saved {last}')

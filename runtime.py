@@ -6,6 +6,7 @@ random-number state a checkpoint carries so that a resumed run repeats an uninte
     stop(ddp)
 """
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -61,3 +62,15 @@ def set_rng_state(state, **generators):
         g.set_state(state[k])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state['cuda'])
+
+
+def epochs_in_budget(minutes, t_start, epoch, start_epoch, ddp):
+    """--time: after epoch `epoch` (0-based) of a run that started at `t_start` from `start_epoch`, the number of
+    epochs that fit in `minutes` at the mean time per epoch so far (at least epoch + 1; exactly that once the budget
+    is spent). Under DDP rank 0's clock decides, so that every rank stops together."""
+    spent = time.time() - t_start
+    per_epoch = spent / (epoch + 1 - start_epoch)
+    fit = torch.tensor(epoch + 1 if spent >= minutes * 60 else max(epoch + 1, int(minutes * 60 / per_epoch)))
+    if ddp:
+        dist.broadcast(fit, 0)
+    return int(fit)

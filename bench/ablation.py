@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The fine-tuning recipe of every row here and in bench/nwpu.py (measured on NWPU VHR-10's val split, RESULTS.md):
+# Every row fine-tunes with finetune.py's defaults: the recipe measured on NWPU VHR-10's val split (RESULTS.md):
 # the dense one-to-one head alone (--dec-layers 0: mAP50 0.151 vs 0.086 with 2 decoder layers after 8 epochs, and
 # 1.6x faster), lr 5e-4 (1e-3 was worse), no stochastic depth, IoU-aware varifocal loss; layer decay 0.75 for a
-# pretrained backbone and none from scratch (finetune.py's default).
-RECIPE = ['--dec-layers', 0, '--lr', 5e-4, '--drop-path', 0, '--cls-loss', 'varifocal']
+# pretrained backbone and none from scratch.
 ROWS = {'scratch': None, 'jepa-random': ['--mask', 'random'], 'jepa-object': ['--mask', 'object'],
         'pixels-random': ['--mask', 'random', '--target', 'pixels']}
 
@@ -45,14 +44,16 @@ def run(log, *cmd):
     return time.time() - t0
 
 
-def print_table(results, bins):
+def print_table(results, bins, extra=()):
     """results: {row: (evaluate.py --sizes --json dict, minutes)} -> one line per row: mAP50, mAP50-95, AP50 of
-    each size bin ('-' where val has no object of that size), minutes."""
-    print(f'{"row":<20}{"mAP50":>8}{"mAP50-95":>10}' + ''.join(f'{"AP50 " + b:>13}' for b in bins) + f'{"minutes":>9}')
+    each size bin ('-' where val has no object of that size), minutes; `extra` names columns taken from the dict's
+    'extra' entry (numbers; '-' where None)."""
+    cell = lambda v, w: f'{v:>{w}.3f}' if isinstance(v, float) else f'{"-" if v is None else v:>{w}}'  # noqa: E731
+    print(f'{"row":<20}' + ''.join(f'{e:>12}' for e in extra) + f'{"mAP50":>8}{"mAP50-95":>10}' +
+          ''.join(f'{"AP50 " + b:>13}' for b in bins) + f'{"minutes":>9}')
     for name, (r, minutes) in results.items():
-        size = [r['sizes'][b]['map50'] for b in bins]
-        cells = ''.join(f'{v:>13.3f}' if v is not None else f'{"-":>13}' for v in size)
-        print(f'{name:<20}{r["map50"]:>8.3f}{r["map"]:>10.3f}{cells}{minutes:>9.1f}')
+        print(f'{name:<20}' + ''.join(cell(r['extra'][e], 12) for e in extra) + f'{r["map50"]:>8.3f}{r["map"]:>10.3f}'
+              + ''.join(cell(r['sizes'][b]['map50'], 13) for b in bins) + f'{minutes:>9.1f}')
 
 
 def main():
@@ -86,7 +87,7 @@ def main():
                      '--warmup-epochs', 3, '--out', row / 'pretrain')
         size = ['--model', args.model, '--patch-size', args.patch_size] if ckpt == 'none' else []
         t += run(row / 'finetune.log', 'finetune.py', '--ckpt', ckpt, *size, *common, '--epochs', args.finetune_epochs,
-                 '--batch-size', 16, *RECIPE, '--boxes', args.boxes, '--eval-every', 5, '--out', row / 'finetune')
+                 '--batch-size', 16, '--boxes', args.boxes, '--eval-every', 5, '--out', row / 'finetune')
         t += run(row / 'evaluate.log', 'evaluate.py', '--ckpt', row / 'finetune' / 'best.pt', '--device', 'cpu',
                  '--workers', 1, '--sizes', '--json', row / 'eval.json')
         results[name] = (json.loads((row / 'eval.json').read_text()), t)

@@ -1,8 +1,8 @@
-"""Real aerial images the detector never trains on: NWPU VHR-10 at half resolution, rows at equal budgets.
+"""Real aerial images the detector never trains on: NWPU VHR-10 at half resolution, the seed's rows.
 
-    python bench/nwpu.py                                   # scratch vs jepa-object, 35 min on 2 CPU cores
-    python bench/nwpu.py --rows scratch-frozen,jepa-object-frozen
-    python bench/nwpu.py --rows all --out runs/nwpu
+    python bench/nwpu.py                                   # scratch vs jepa-object, equal fine-tuning epochs
+    python bench/nwpu.py --budget both                     # + the pretrained rows at an equal total budget
+    python bench/nwpu.py --rows all --out runs/nwpu        # the four rows of the seed (and the frozen checks)
 
 The data: ../shared/nwpu_vhr10 (or --src, or $NWPU_VHR10), real Google Earth / Vaihingen images in the DOTA layout,
 cut once by `prepare.py split --size 512 --gap 128 --rates 0.5` into OUT/data/{train,val} (496 / 83 tiles; at half
@@ -15,10 +15,20 @@ Rows (each fine-tunes the same detector with the same recipe and is scored on va
     pixels-random       MAE-style: random masking, normalized pixels as targets
     scratch-frozen      random backbone frozen, the head alone trained: what random features are worth
     jepa-object-frozen  jepa-object's pretrained backbone frozen: what its features are worth
-Equal budgets: a pretrained row spends --pretrain-epochs on pretraining the train tiles and then fine-tunes for
---epochs minus the fine-tuning epochs its pretraining cost (--pretrain-cost: the time of one pretraining epoch in
-fine-tuning epochs, measured on 2 CPU cores); the minutes column shows what each row really took. A frozen row
-shares its pretraining with the unfrozen one (run once, under OUT/<row>/pretrain) and counts its minutes.
+Pretraining (--pretrain-*: crops of --pretrain-img-size from the train tiles, many short steps) runs once per row and
+is cached: OUT/<row>/pretrain holds last.pt, log.jsonl (loss, mean_baseline) and done.json (its command and
+minutes); a rerun or another row that asks for the same pretraining reuses it. Budgets (--budget):
+    epochs  every row fine-tunes for --epochs (pretraining amortized, as self-supervised papers report it)
+    total   a pretrained row fine-tunes for --epochs minus the fine-tuning epochs its pretraining minutes would
+            have bought (the scratch row's measured minutes per epoch): row name <row>@total, OUT/<row>@total/
+Beside each row: its pretraining's loss / mean_baseline (last 50 logged steps; below 1 = it predicts more than each
+image's mean target) and the linear probe of probe.py on the frozen encoder it starts from (object vs background AP,
+small-object AP of val patches; random weights for scratch). A second table probes every encoder: random weights,
+each pretraining's context and EMA target encoder, and the fine-tuned scratch backbone as a ceiling.
+
+The transfer (--transfer-args, the unfrozen pretrained rows only) keeps the pretrained patch embedding and
+re-initializes all 4 blocks of `mini`: at this pretraining budget the blocks slowed fine-tuning down and the
+embedding alone sped it up (RESULTS.md).
 
 Each step is a plain command, printed before it runs (its output to OUT/<row>/*.log): any row reruns by hand.
 OUT/<row>/finetune/best.pt is a normal finetune.py checkpoint (best val mAP50) for evaluate.py --ckpt.
@@ -29,8 +39,10 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import RECIPE, ROOT, print_table, run  # noqa: E402
+from ablation import ROOT, print_table, run  # noqa: E402
 
 PRETRAIN = {'jepa-object': ['--mask', 'object'], 'jepa-random': ['--mask', 'random'],
             'pixels-random': ['--mask', 'random', '--target', 'pixels']}
@@ -48,64 +60,133 @@ def prepare(src, dst):
                 '--size', 512, '--gap', 128, '--rates', 0.5)
 
 
+def cached(folder, cmd, log):
+    """Run `cmd` (a list) unless folder/done.json records the same command. -> its minutes (the first run's)."""
+    done, key = folder / 'done.json', [str(c) for c in cmd]
+    if done.exists() and json.loads(done.read_text())['cmd'] == key:
+        print(f'# reused {folder} (same command)')
+        return json.loads(done.read_text())['minutes']
+    minutes = run(log, *cmd) / 60
+    done.write_text(json.dumps({'cmd': key, 'minutes': minutes}))
+    return minutes
+
+
+def loss_ratio(log_path, last=50):
+    """loss / mean_baseline over the last `last` logged steps of a pretrain.py log.jsonl."""
+    recs = [json.loads(line) for line in open(log_path)]
+    recs = [r for r in recs if 'loss' in r][-last:]
+    return float(np.mean([r['loss'] for r in recs]) / np.mean([r['mean_baseline'] for r in recs]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--src', default=os.environ.get('NWPU_VHR10', str(ROOT.parent / 'shared' / 'nwpu_vhr10')),
-                    help='NWPU VHR-10 in the DOTA layout, {train,val}/{images,labelTxt} (default: $NWPU_VHR10 or '
-                         '%(default)s)')
-    ap.add_argument('--rows', default='scratch,jepa-object', help=f"comma-separated rows, or 'all' ({', '.join(ROWS)})"
-                                                                  ' (default: %(default)s)')
-    ap.add_argument('--model', default='mini', help='ViT preset (default: %(default)s)')
-    ap.add_argument('--patch-size', type=int, default=16, help='patch size (default: %(default)s)')
-    ap.add_argument('--img-size', type=int, default=512, help='training crop side (default: %(default)s)')
-    ap.add_argument('--epochs', type=int, default=20, help='the budget, in fine-tuning epochs (default: %(default)s)')
-    ap.add_argument('--pretrain-epochs', type=int, default=12, help='pretraining epochs of the pretrained rows '
-                                                                    '(default: %(default)s)')
-    ap.add_argument('--pretrain-batch-size', type=int, default=32, help='pretraining batch (default: %(default)s)')
-    ap.add_argument('--pretrain-cost', type=float, default=0.5, help='minutes of one pretraining epoch / minutes of '
-                                                                     'one fine-tuning epoch (default: %(default)s)')
-    ap.add_argument('--finetune-args', default='', help='extra finetune.py flags for every row, one string')
-    ap.add_argument('--seed', type=int, default=0, help='seed of every run (default: %(default)s)')
-    ap.add_argument('--out', default='runs/nwpu', help='output folder, data cache included (default: %(default)s)')
+    a = ap.add_argument
+    a('--src', default=os.environ.get('NWPU_VHR10', str(ROOT.parent / 'shared' / 'nwpu_vhr10')),
+      help='NWPU VHR-10 in the DOTA layout, {train,val}/{images,labelTxt} (default: $NWPU_VHR10 or %(default)s)')
+    a('--rows', default='scratch,jepa-object', help=f"comma-separated rows, or 'all' ({', '.join(ROWS)}) "
+                                                    '(default: %(default)s)')
+    a('--budget', choices=['epochs', 'total', 'both'], default='epochs',
+      help='pretrained rows fine-tune for --epochs, or for what is left of the total budget, or both '
+           '(default: %(default)s)')
+    a('--model', default='mini', help='ViT preset (default: %(default)s)')
+    a('--patch-size', type=int, default=16, help='patch size (default: %(default)s)')
+    a('--img-size', type=int, default=512, help='fine-tuning crop side (default: %(default)s)')
+    a('--epochs', type=int, default=20, help='fine-tuning epochs (default: %(default)s)')
+    a('--pretrain-img-size', type=int, default=256, help='pretraining crop side: 4x fewer tokens than 512, ~5x the '
+                                                         'images per second (default: %(default)s)')
+    a('--pretrain-epochs', type=int, default=60, help='pretraining epochs (default: %(default)s)')
+    a('--pretrain-batch-size', type=int, default=32, help='pretraining batch (default: %(default)s)')
+    a('--pretrain-args', default='--lr 1e-3 --warmup-epochs 3 --target-layers 2 --target-norm instance',
+      help='further pretrain.py flags of every pretrained row, one string (default: %(default)s)')
+    a('--transfer-args', default='--reinit-blocks 4', help='finetune.py flags of the unfrozen rows that start from '
+                                                            'a pretrained encoder, one string (default: %(default)s)')
+    a('--finetune-args', default='', help='extra finetune.py flags for every row, one string')
+    a('--no-probe', action='store_true', help='skip the linear probes (about a minute each)')
+    a('--seed', type=int, default=0, help='seed of every run (default: %(default)s)')
+    a('--out', default='runs/nwpu', help='output folder, data cache included (default: %(default)s)')
     args = ap.parse_args()
     rows = ROWS if args.rows == 'all' else args.rows.split(',')
     if set(rows) - set(ROWS):
         raise SystemExit(f'unknown rows {sorted(set(rows) - set(ROWS))}; known: {", ".join(ROWS)}')
+    budgets = ['epochs', 'total'] if args.budget == 'both' else [args.budget]
     out = Path(args.out).resolve()
     data = out / 'data'
     prepare(Path(args.src).resolve(), data)
     common = ['--data', data, '--device', 'cpu', '--workers', 2, '--seed', args.seed]
-    ft_epochs = args.epochs - round(args.pretrain_epochs * args.pretrain_cost)
-    if ft_epochs < 1:
-        raise SystemExit(f'--pretrain-epochs {args.pretrain_epochs} cost the whole budget of {args.epochs} epochs')
-    pre_minutes, results = {}, {}
+    finetune = ['--img-size', args.img_size, '--batch-size', 8, '--eval-every', 2,
+                *args.finetune_args.split()]
+
+    def probe(name, ckpt, encoder='context', size=()):
+        """The probe of one encoder, cached like a pretraining -> its numbers (None with --no-probe)."""
+        if args.no_probe:
+            return None
+        folder = out / 'probes' / name
+        folder.mkdir(parents=True, exist_ok=True)
+        cached(folder, ['probe.py', '--ckpt', ckpt, '--encoder', encoder, *size, '--data', data, '--workers', 2,
+                        '--json', folder / 'probe.json'], folder / 'probe.log')
+        return json.loads((folder / 'probe.json').read_text())
+
+    pre_minutes, results, probes, ratios, epoch_minutes = {}, {}, {}, {}, None
     for name in rows:
         source = name.removesuffix('-frozen')
         frozen = ['--freeze-backbone'] if name.endswith('-frozen') else []
-        row, minutes, ckpt, epochs = out / name, 0.0, 'none', args.epochs
-        if source in PRETRAIN:
+        size = ['--model', args.model, '--patch-size', args.patch_size]
+        if source not in PRETRAIN:
+            cells = {name: (0.0, 'none', args.epochs)}
+            probes['random weights'] = probes.get('random weights') or probe('random', 'none', size=size)
+        else:
             pre = out / source / 'pretrain'
+            pre.mkdir(parents=True, exist_ok=True)
             if source not in pre_minutes:  # the frozen row reuses the unfrozen row's pretraining (and its time)
-                pre_minutes[source] = run(out / source / 'pretrain.log', 'pretrain.py', *common, '--model',
-                                          args.model, '--patch-size', args.patch_size, '--img-size', args.img_size,
-                                          *PRETRAIN[source], '--epochs', args.pretrain_epochs, '--batch-size',
-                                          args.pretrain_batch_size, '--lr', 1e-3, '--warmup-epochs', 1,
-                                          '--out', pre) / 60
-            minutes, ckpt, epochs = pre_minutes[source], pre / 'last.pt', ft_epochs
-        size = ['--model', args.model, '--patch-size', args.patch_size] if ckpt == 'none' else []
-        minutes += run(row / 'finetune.log', 'finetune.py', '--ckpt', ckpt, *size, *common, *frozen, '--img-size',
-                       args.img_size, '--epochs', epochs, '--batch-size', 8, *RECIPE, '--num-queries', 300,
-                       '--eval-every', 2, *args.finetune_args.split(), '--out', row / 'finetune') / 60
-        run(row / 'evaluate.log', 'evaluate.py', '--ckpt', row / 'finetune' / 'best.pt', '--device', 'cpu',
-            '--workers', 2, '--sizes', '--json', row / 'eval.json')
-        results[name] = (json.loads((row / 'eval.json').read_text()), minutes)
+                pre_minutes[source] = cached(pre, ['pretrain.py', *common, *size, '--img-size', args.pretrain_img_size,
+                                                   *PRETRAIN[source], '--epochs', args.pretrain_epochs,
+                                                   '--batch-size', args.pretrain_batch_size,
+                                                   *args.pretrain_args.split(), '--out', pre], out / source / 'pretrain.log')
+                ratios[source] = loss_ratio(pre / 'log.jsonl')
+                probes[f'{source} (context)'] = probe(f'{source}-context', pre / 'last.pt')
+                if '--target' not in PRETRAIN[source]:  # pixel targets have no EMA encoder worth probing
+                    probes[f'{source} (EMA target)'] = probe(f'{source}-target', pre / 'last.pt', 'target')
+            cells = {}
+            if 'epochs' in budgets:
+                cells[name] = (pre_minutes[source], pre / 'last.pt', args.epochs)
+            if 'total' in budgets and not frozen:
+                if epoch_minutes is None:
+                    raise SystemExit('--budget total needs the scratch row first (its minutes per epoch)')
+                left = args.epochs - round(pre_minutes[source] / epoch_minutes)
+                if left < 1:  # one epoch anyway: the minutes column then shows the overrun
+                    print(f'# the pretraining of {source} took the whole budget; {name}@total fine-tunes 1 epoch')
+                    left = 1
+                cells[f'{name}@total'] = (pre_minutes[source], pre / 'last.pt', left)
+        for cell, (minutes, ckpt, epochs) in cells.items():
+            row = out / cell
+            ft_minutes = cached(row / 'finetune', ['finetune.py', '--ckpt', ckpt, *(size if ckpt == 'none' else []),
+                                                   *common, *frozen, '--epochs', epochs, *finetune,
+                                                   *(args.transfer_args.split() if ckpt != 'none' and not frozen
+                                                     else []),
+                                                   '--out', row / 'finetune'], row / 'finetune.log')
+            if cell == 'scratch':
+                epoch_minutes = ft_minutes / epochs
+                probes['scratch, fine-tuned (ceiling)'] = probe('scratch-finetuned', row / 'finetune' / 'best.pt')
+            run(row / 'evaluate.log', 'evaluate.py', '--ckpt', row / 'finetune' / 'best.pt', '--device', 'cpu',
+                '--workers', 2, '--sizes', '--json', row / 'eval.json')
+            r = json.loads((row / 'eval.json').read_text())
+            start = probes.get(f'{source} (context)' if source in PRETRAIN else 'random weights') or {}
+            r['extra'] = {'epochs': epochs, 'loss/base': ratios.get(source), 'probe obj': start.get('obj_ap'),
+                          'probe small': start.get('small_ap')}
+            results[cell] = (r, minutes + ft_minutes)
     n_val = len(json.loads((data / 'val' / 'manifest.json').read_text())['tiles'])
     print(f'\nNWPU VHR-10 val ({n_val} half-resolution tiles of held-out images), {args.model} ViT/{args.patch_size}, '
-          f'budget {args.epochs} fine-tuning epochs (pretrained rows: {args.pretrain_epochs} pretraining + '
-          f'{ft_epochs} fine-tuning)')
-    print_table(results, ('small', 'medium'))
-    (out / 'results.json').write_text(json.dumps({k: {**v[0], 'minutes': v[1]} for k, v in results.items()},
-                                                 indent=2))
+          f'{args.epochs} fine-tuning epochs; pretraining: {args.pretrain_epochs} epochs of {args.pretrain_img_size}² '
+          f'crops ({args.pretrain_args}); @total: fine-tuned for what the pretraining left of the budget')
+    print_table(results, ('small', 'medium'), extra=('epochs', 'loss/base', 'probe obj', 'probe small'))
+    if probes and not args.no_probe:
+        print(f'\nlinear probe of frozen patch tokens (probe.py), val: {next(iter(probes.values()))["n_val"]} patches')
+        print(f'{"encoder":<34}{"probe mAP":>10}{"obj AP":>10}{"small AP":>10}')
+        for k, r in probes.items():
+            print(f'{k:<34}' + ''.join(f'{r[m]:>10.3f}' if r[m] is not None else f'{"-":>10}'
+                                       for m in ('map', 'obj_ap', 'small_ap')))
+    (out / 'results.json').write_text(json.dumps({'rows': {k: {**v[0], 'minutes': v[1]} for k, v in results.items()},
+                                                  'probes': probes}, indent=2))
 
 
 if __name__ == '__main__':

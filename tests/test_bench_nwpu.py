@@ -10,23 +10,34 @@ from data import CLASSES, DOTADataset
 from prepare import make_synthetic
 
 
-def test_every_kind_of_row_runs_and_leaves_a_checkpoint_and_a_table(tmp_path):
+def test_every_kind_of_row_runs_and_leaves_a_checkpoint_a_probe_and_a_table(tmp_path):
     make_synthetic(tmp_path / 'src', n_train=8, n_val=2, size=128, seed=0)
     rows = 'scratch,jepa-object,jepa-object-frozen,pixels-random'
-    p = subprocess.run([sys.executable, ROOT / 'bench' / 'nwpu.py', '--src', tmp_path / 'src',
-                        '--out', tmp_path / 'out', '--rows', rows, '--model', 'test', '--patch-size', '8', '--img-size', '64', '--epochs', '3',
-                        '--pretrain-epochs', '2', '--pretrain-batch-size', '4', '--finetune-args',
-                        '--head-dim 32 --batch-size 4 --eval-every 1'], capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, ROOT / 'bench' / 'nwpu.py', '--src', tmp_path / 'src', '--out', tmp_path / 'out', '--rows',
+           rows, '--budget', 'both', '--model', 'test', '--patch-size', '8', '--img-size', '64', '--epochs', '3',
+           '--pretrain-img-size', '32', '--pretrain-epochs', '2', '--pretrain-batch-size', '4',
+           '--transfer-args', '--reinit-blocks 1',
+           '--finetune-args', '--head-dim 32 --batch-size 4 --eval-every 1']
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    table = p.stdout[p.stdout.index('row '):].splitlines()
-    assert [line.split()[0] for line in table[1:]] == rows.split(',')
-    assert 'AP50 small' in table[0] and 'AP50 medium' in table[0]
-    for row in rows.split(','):
-        assert (tmp_path / 'out' / row / 'finetune' / 'best.pt').exists()
+    table = p.stdout[p.stdout.index('row '):p.stdout.index('linear probe')].split('\n\n')[0].splitlines()
+    cells = ['scratch', 'jepa-object', 'jepa-object@total', 'jepa-object-frozen', 'pixels-random',
+             'pixels-random@total']
+    assert [line.split()[0] for line in table[1:]] == cells
+    assert 'AP50 small' in table[0] and 'loss/base' in table[0] and 'probe obj' in table[0]
+    for cell in cells:
+        assert (tmp_path / 'out' / cell / 'finetune' / 'best.pt').exists()
     # the frozen row reused jepa-object's pretraining: one pretraining log, and it counts those minutes too
     assert not (tmp_path / 'out' / 'jepa-object-frozen' / 'pretrain').exists()
+    assert (tmp_path / 'out' / 'jepa-object' / 'pretrain' / 'log.jsonl').exists()
     res = json.loads((tmp_path / 'out' / 'results.json').read_text())
-    assert set(res) == set(rows.split(',')) and all(r['minutes'] > 0 for r in res.values())
+    assert set(res['rows']) == set(cells) and all(r['minutes'] > 0 for r in res['rows'].values())
+    assert {'random weights', 'jepa-object (context)', 'jepa-object (EMA target)', 'pixels-random (context)',
+            'scratch, fine-tuned (ceiling)'} == set(res['probes'])
+    # a rerun asks for the same pretrainings and fine-tunes: all reused, the same table
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count('# reused') == 2 + 6 + 5  # pretrainings, fine-tunes, probes
+    assert again.stdout[again.stdout.index('row '):] == p.stdout[p.stdout.index('row '):]
 
 
 def test_the_real_set_cuts_into_the_documented_half_resolution_tiles(nwpu, tmp_path):

@@ -134,3 +134,16 @@ def test_real_sample_tiles_merge_back_and_offline_cli(dota_sample, tmp_path):
                                                          for g in gt.values())
             assert 'AP by object size' in p.stdout and 'sizes' in out
     assert parse_label_file(dota_sample / 'labelTxt' / 'P0706.txt', V1)[1].tolist().count(6) == 531
+
+
+def test_pr_curve_is_the_curve_whose_mean_is_ap50(tmp_path):
+    from evaluate import plot_pr
+    from metrics import evaluate_coco
+    rng = np.random.default_rng(0)
+    g = [gts(np.tile(rng.uniform(0, 50, (5, 2)), 2) + [0, 0, 10, 10], labels=rng.integers(0, 2, 5)) for _ in range(4)]
+    p = [dets(x['boxes'] + rng.normal(0, 2, (5, 4)), rng.random(5), x['labels']) for x in g]
+    res = evaluate_coco(p, g, 3)
+    assert np.allclose(res['pr50'][:2].mean(1), res['ap'][:2, 0]) and np.isnan(res['pr50'][2]).all()
+    assert (np.diff(res['pr50'][:2], axis=1) <= 0).all()  # interpolated: never rises with recall
+    pytest.importorskip('matplotlib', reason='matplotlib draws the curve (optional)')
+    assert plot_pr(res, ['a', 'b', 'c'], tmp_path / 'pr.png') and (tmp_path / 'pr.png').stat().st_size > 0

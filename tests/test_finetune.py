@@ -146,3 +146,56 @@ def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_p
     assert a['step'] == b['step'] == 8
     for k in ('model', 'train_model'):
         assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])  # exact, not approximately
+
+
+def test_results_csv_every_epoch_and_the_curves_only_with_matplotlib(tmp_path, monkeypatch):
+    from finetune import main
+    make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
+    flags = ['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
+             '--img-size', '32', '--batch-size', '4', '--epochs', '3', '--eval-every', '2', '--head-dim', '32',
+             '--workers', '0', '--device', 'cpu', '--dec-layers', '0']
+    import evaluate
+    monkeypatch.setattr(evaluate, '_pyplot', lambda: None)  # what it returns when matplotlib is not installed
+    main(flags + ['--out', str(tmp_path / 'no_mpl')])
+    lines = (tmp_path / 'no_mpl' / 'results.csv').read_text().splitlines()
+    head, rows = lines[0].split(','), [line.split(',') for line in lines[1:]]
+    assert head[:4] == ['epoch', 'seconds', 'lr', 'loss'] and head[-2:] == ['mAP50', 'mAP50-95']
+    assert [r[0] for r in rows] == ['1', '2', '3'] and all(len(r) == len(head) for r in rows)
+    assert rows[0][-1] == '' and rows[1][-1] != '' and rows[2][-1] != ''  # evaluated at epochs 2 and 3 only
+    assert not (tmp_path / 'no_mpl' / 'results.png').exists() and not (tmp_path / 'no_mpl' / 'PR_curve.png').exists()
+    monkeypatch.undo()
+    pytest.importorskip('matplotlib', reason='matplotlib draws results.png (optional)')
+    main(flags + ['--out', str(tmp_path / 'mpl')])
+    assert (tmp_path / 'mpl' / 'results.png').stat().st_size > 0 and (tmp_path / 'mpl' / 'PR_curve.png').exists()
+
+
+def test_time_budget_sets_the_epochs_from_the_time_per_epoch(tmp_path, capsys):
+    import time
+    from finetune import main
+    from runtime import epochs_in_budget
+    t0 = time.time() - 10  # 10 s for 2 epochs: 5 s each
+    assert epochs_in_budget(1.0, t0, epoch=1, start_epoch=0, ddp=False) == 11  # 60 s / 5.x s
+    assert epochs_in_budget(0.1, t0, epoch=1, start_epoch=0, ddp=False) == 2  # spent: stop after this epoch
+    make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
+    main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'), '--img-size',
+          '32', '--batch-size', '4', '--epochs', '50', '--eval-every', '10', '--head-dim', '32', '--workers', '0',
+          '--device', 'cpu', '--time', '0.0001', '--out', str(tmp_path / 'run')])
+    rows = (tmp_path / 'run' / 'results.csv').read_text().splitlines()[1:]
+    assert len(rows) == 1 and rows[0].split(',')[-1] != ''  # one epoch, and it was the last: evaluated
+    assert torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)['epoch'] == 1
+
+
+def test_reinit_blocks_keeps_the_lower_layers_and_redraws_the_top(tmp_path):
+    from finetune import build, get_parser
+    enc = build_vit('mini', 8)
+    for p in enc.parameters():  # a "pretrained" encoder: far from any fresh initialization
+        p.data.fill_(0.5)
+    torch.save({'args': {'model': 'mini', 'patch_size': 8, 'data': 'synthetic', 'classes': 'dota1.0'},
+                'context': enc.state_dict()}, tmp_path / 'pre.pt')
+    det = build(get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt'), '--reinit-blocks', '1']))
+    b = det.backbone
+    assert (b.patch_embed.proj.weight == 0.5).all() and all((p == 0.5).all() for p in b.blocks[2].parameters())
+    assert b.blocks[3].attn.qkv.weight.std() < 0.05 and (b.blocks[3].attn.qkv.bias == 0).all()  # fresh init
+    assert (b.norm.weight == 1).all()
+    with pytest.raises(SystemExit, match='4 blocks'):
+        build(get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt'), '--reinit-blocks', '5']))
