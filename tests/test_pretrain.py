@@ -135,3 +135,27 @@ def test_mean_baseline_is_the_loss_of_predicting_each_images_mean_target():
         loss, stats = pretrain.jepa_loss(mean_student, target, x, ctx, tgt)
         worse, _ = pretrain.jepa_loss(lambda *a: mean_student(*a) + 0.1, target, x, ctx, tgt)
     assert loss.item() == pytest.approx(stats['mean_baseline'].item(), rel=1e-5) and worse > loss
+
+
+def test_latent_targets_layer_instance_and_multi_block():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    enc = build_vit('mini', 8)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = pretrain.latent_targets(enc, x)  # I-JEPA: the output, layer-normed per token
+        assert torch.allclose(plain, F.layer_norm(enc(x), (enc.dim,)))
+        inst = pretrain.latent_targets(enc, x, layers=1, norm='instance')  # each channel over the image's tokens
+        assert torch.allclose(inst.mean(1), torch.zeros(2, enc.dim), atol=1e-5)
+        assert torch.allclose(inst.var(1, unbiased=False), torch.ones(2, enc.dim), atol=1e-3)
+        outs = enc.last_blocks(x, 2)  # the stream after blocks 2 and 3 (the last through the final norm)
+        assert len(outs) == 2 and torch.allclose(outs[-1], enc(x))
+        two = pretrain.latent_targets(enc, x, layers=2)
+        assert torch.allclose(two, (F.layer_norm(outs[0], (enc.dim,)) + F.layer_norm(outs[1], (enc.dim,))) / 2)
+
+
+def test_time_budget_stops_pretraining_when_spent(synth, tmp_path):
+    log = run(synth, tmp_path, '--time', '0.0001', '--probe-every', '0')  # --epochs 2, but the budget ends epoch 1
+    assert max(r['epoch'] for r in log) == 1
+    ck = torch.load(tmp_path / 'last.pt', weights_only=True)
+    assert ck['epoch'] == 1 and ck['args']['epochs'] == 1
