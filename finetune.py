@@ -76,6 +76,10 @@ def get_parser():
                     help='re-initialize the last K blocks (and the final norm) of a pretrained backbone, keeping the '
                          'patch embedding and the blocks below: on NWPU VHR-10 a short CPU pretraining transferred '
                          'through its lower layers only (RESULTS.md) (default: %(default)s)')
+    ap.add_argument('--freeze-epochs', type=int, default=0,
+                    help='train the head alone (backbone lr 0) for the first N epochs, then everything: linear probing '
+                         'then fine-tuning (LP-FT, Kumar et al. 2022), so that a random head\'s first gradients do not '
+                         'distort the pretrained features (default: %(default)s)')
     ap.add_argument('--freeze-backbone', action='store_true', help='train the head only (a linear-probe-like check '
                                                                   'of the pretrained features)')
     ap.add_argument('--cls-loss', choices=['focal', 'varifocal'], default='varifocal',
@@ -210,6 +214,7 @@ def main(argv=None):
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)  # param_groups skips frozen parameters
     opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay), args.weight_decay), lr=args.lr)
+    in_backbone = {id(p) for p in model.backbone.parameters()}  # for --freeze-epochs (groups never mix the two)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     matcher = MinCostMatcher(method=args.matcher)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None  # what is evaluated and saved
@@ -253,8 +258,10 @@ def main(argv=None):
         diag, sums, batch = {'iou': [], 'above_0.3_per_gt': []}, {}, first
         for images, targets in bar:
             lr = lr_at(step, total, warmup, args.lr)
-            for g in opt.param_groups:
-                g['lr'] = lr * g['lr_scale']
+            hold = epoch < args.freeze_epochs  # LP-FT: the backbone does not move yet (its gradients still flow,
+            for g in opt.param_groups:  # so that DDP sees every parameter used and Adam's moments warm up)
+                g['lr'] = lr * g['lr_scale'] * (0.0 if hold and g['params'] and id(g['params'][0]) in in_backbone
+                                                else 1.0)
             n_gt = torch.tensor(float(sum(len(t['boxes']) for t in targets)), device=device)
             if ddp:  # DDP averages gradients over ranks: divide by the mean GT count, so the sum is over all GT
                 dist.all_reduce(n_gt)

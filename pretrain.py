@@ -9,8 +9,11 @@ One step: the EMA *target* encoder embeds the whole image (no grad) and its feat
 context tokens plus a mask token at every hidden position and predicts the target features there (--target
 latent), or the hidden patches' normalized pixels through a linear head (--target pixels: MAE's loss, no EMA
 needed); the loss is --loss (mse) over the hidden patches (--predict hidden) or the hidden object patches only
-(--predict objects). Only the context encoder and predictor get gradients; the target encoder follows the context
-encoder by EMA, momentum rising linearly 0.996 -> 1.0. Masking strategies: masking.py.
+(--predict objects). --target-layers 2 --target-norm instance makes the targets data2vec's: the mean of the last
+blocks' layer-normed outputs, each channel then standardized over the image (the per-image mean leaves the targets;
+on NWPU VHR-10 this gave the encoder a clearly better linear probe, RESULTS.md). Only the context encoder and
+predictor get gradients; the target encoder follows the context encoder by EMA, momentum rising linearly 0.996 ->
+1.0. Masking strategies: masking.py.
 
 Schedules (per optimizer step): lr linear warmup then cosine; weight decay cosine from --weight-decay (0.04) to
 --weight-decay-end (0.4), on weight matrices only (not biases, norms, tokens); gradient-norm clipping.
@@ -20,7 +23,8 @@ image's augmentation is seeded by (seed, epoch, index)). A non-finite loss stops
 the step number before anything is written over the last good checkpoint. OUT/log.jsonl gets one line per
 --log-every steps: loss, lr, weight decay, momentum, and the std across tokens of the target features and of the
 predictions (they fall toward 0 when the representation collapses; a warning is printed when the targets' std
-is below --collapse-std).
+is below --collapse-std), and with --probe-every N the linear probe of probe.py (what the frozen context encoder's
+patch tokens know about the objects of the val split). --time MINUTES fits the run to a wall-clock budget.
 """
 import argparse
 import contextlib

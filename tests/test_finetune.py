@@ -199,3 +199,19 @@ def test_reinit_blocks_keeps_the_lower_layers_and_redraws_the_top(tmp_path):
     assert (b.norm.weight == 1).all()
     with pytest.raises(SystemExit, match='4 blocks'):
         build(get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt'), '--reinit-blocks', '5']))
+
+
+def test_freeze_epochs_hold_the_backbone_then_release_it(tmp_path):
+    from finetune import build, get_parser, main
+    make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
+    flags = ['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
+             '--img-size', '32', '--batch-size', '4', '--head-dim', '32', '--workers', '0', '--device', 'cpu',
+             '--freeze-epochs', '1', '--warmup-epochs', '0']
+    torch.manual_seed(0)  # finetune.main seeds with --seed 0 before building: the same initial weights
+    init = build(get_parser().parse_args(flags)).state_dict()
+    for epochs in ('1', '2'):
+        main(flags + ['--epochs', epochs, '--out', str(tmp_path / epochs)])
+        w = torch.load(tmp_path / epochs / 'last.pt', weights_only=True)['model']
+        moved = {k for k in w if not torch.equal(w[k], init[k])}
+        assert any(k.startswith('cls.') for k in moved)  # the head always trains
+        assert any(k.startswith('backbone.') for k in moved) == (epochs == '2')  # the backbone from epoch 2 on
