@@ -23,8 +23,9 @@ minutes); a rerun or another row that asks for the same pretraining reuses it. B
             have bought (the scratch row's measured minutes per epoch): row name <row>@total, OUT/<row>@total/
 Beside each row: its pretraining's loss / mean_baseline (last 50 logged steps; below 1 = it predicts more than each
 image's mean target) and the linear probe of probe.py on the frozen encoder it starts from (object vs background AP,
-small-object AP of val patches; random weights for scratch). A second table probes every encoder: random weights,
-each pretraining's context and EMA target encoder, and the fine-tuned scratch backbone as a ceiling.
+small-object AP of val patches; random weights for scratch; the whole pretrained encoder, before --transfer-args).
+A second table probes every encoder: random weights, each pretraining's context and EMA target encoder, and the
+backbone of the fine-tuned scratch detector (what supervised training puts there, for reference).
 
 The transfer (--transfer-args, the unfrozen pretrained rows only) keeps the pretrained patch embedding and
 re-initializes all 4 blocks of `mini`: at this pretraining budget the blocks slowed fine-tuning down and the
@@ -166,7 +167,7 @@ def main():
                                                    '--out', row / 'finetune'], row / 'finetune.log')
             if cell == 'scratch':
                 epoch_minutes = ft_minutes / epochs
-                probes['scratch, fine-tuned (ceiling)'] = probe('scratch-finetuned', row / 'finetune' / 'best.pt')
+                probes['fine-tuned scratch backbone'] = probe('scratch-finetuned', row / 'finetune' / 'best.pt')
             run(row / 'evaluate.log', 'evaluate.py', '--ckpt', row / 'finetune' / 'best.pt', '--device', 'cpu',
                 '--workers', 2, '--sizes', '--json', row / 'eval.json')
             r = json.loads((row / 'eval.json').read_text())

@@ -33,7 +33,7 @@ def test_every_kind_of_row_runs_and_leaves_a_checkpoint_a_probe_and_a_table(tmp_
     res = json.loads((tmp_path / 'out' / 'results.json').read_text())
     assert set(res['rows']) == set(cells) and all(r['minutes'] > 0 for r in res['rows'].values())
     assert {'random weights', 'jepa-object (context)', 'jepa-object (EMA target)', 'pixels-random (context)',
-            'scratch, fine-tuned (ceiling)'} == set(res['probes'])
+            'fine-tuned scratch backbone'} == set(res['probes'])
     # a rerun asks for the same pretrainings and fine-tunes: all reused, the same table
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count('# reused') == 2 + 6 + 5  # pretrainings, fine-tunes, probes
