@@ -157,13 +157,14 @@ class Detector(nn.Module):
                                   nn.Conv2d(head_dim, head_dim, 3, padding=1), nn.GroupNorm(8, head_dim), nn.GELU())
         self.cls = nn.Conv2d(head_dim, num_classes, 3, padding=1)
         self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
-        self.query = nn.Sequential(nn.Linear(head_dim, head_dim), nn.LayerNorm(head_dim))  # cell feature -> query
-        self.size_pos = nn.Linear(head_dim // 2, head_dim // 2)  # sinusoids of log (w, h) -> half of a query position
+        if dec_layers:  # (only then: DDP requires every parameter to take part in the loss)
+            self.query = nn.Sequential(nn.Linear(head_dim, head_dim), nn.LayerNorm(head_dim))  # cell feature -> query
+            self.size_pos = nn.Linear(head_dim // 2, head_dim // 2)  # sinusoids of log (w, h) -> half a query position
         self.layers = nn.ModuleList(DecoderLayer(head_dim, heads) for _ in range(dec_layers))
         self.dec_cls = nn.ModuleList(nn.Linear(head_dim, num_classes) for _ in range(dec_layers))
         self.dec_box = nn.ModuleList(nn.Sequential(nn.Linear(head_dim, head_dim), nn.GELU(),
                                                    nn.Linear(head_dim, 5 if obb else 4)) for _ in range(dec_layers))
-        if obb:  # (cos 2 theta, sin 2 theta) of the reference -> added to the size half of the query position
+        if obb and dec_layers:  # (cos 2 theta, sin 2 theta) of the reference -> added to the size half of q_pos
             self.angle_pos = nn.Linear(2, head_dim // 2)
         prior = -math.log(99)  # probability 0.01 at the start: the focal loss starts stable
         for m in [self.cls, *self.dec_cls]:

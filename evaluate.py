@@ -248,7 +248,9 @@ def load_detector(path, device):
     model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'],
                      a.get('stride', 8), a.get('dec_layers', 0), a.get('num_queries', 1000),
                      obb=a.get('boxes', 'hbb') == 'obb')
-    model.load_state_dict(ckpt['model'])
+    own = model.state_dict()  # checkpoints before 2026-11-30 also hold a dense-only model's unused query layers
+    model.load_state_dict({k: v for k, v in ckpt['model'].items() if k in own or
+                           not k.startswith(('query.', 'size_pos.', 'angle_pos.'))})
     return model.to(device), ckpt
 
 
