@@ -174,7 +174,8 @@ def plot_results(csv_path, path):
     head = lines[0].split(',')
     cols = list(zip(*[line.split(',') for line in lines[1:]]))
     epoch = np.array(cols[0], float)
-    fig, axes = plt.subplots(2, (len(head) - 1 + 1) // 2, figsize=(3 * ((len(head) - 1 + 1) // 2), 5.5), dpi=120)
+    cols_per_row = len(head) // 2  # len(head) - 1 panels (every column but the epoch) on two rows
+    fig, axes = plt.subplots(2, cols_per_row, figsize=(3 * cols_per_row, 5.5), dpi=120)
     for ax, name, col in zip(axes.ravel(), head[1:], cols[1:]):
         ok = np.array([v != '' for v in col])
         ax.plot(epoch[ok], np.array([float(v) for v in col if v != '']), marker='.', lw=1.5)

@@ -64,9 +64,10 @@ def prepare(src, dst):
 def cached(folder, cmd, log):
     """Run `cmd` (a list) unless folder/done.json records the same command. -> its minutes (the first run's)."""
     done, key = folder / 'done.json', [str(c) for c in cmd]
-    if done.exists() and json.loads(done.read_text())['cmd'] == key:
+    record = json.loads(done.read_text()) if done.exists() else {}
+    if record.get('cmd') == key:
         print(f'# reused {folder} (same command)')
-        return json.loads(done.read_text())['minutes']
+        return record['minutes']
     minutes = run(log, *cmd) / 60
     done.write_text(json.dumps({'cmd': key, 'minutes': minutes}))
     return minutes
