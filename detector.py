@@ -143,9 +143,10 @@ class Detector(nn.Module):
     """
 
     def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
-                 obb=False):
+                 obb=False, o2m=0):
         super().__init__()
         self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
+        self.o2m = o2m
         p, c, layers = backbone.patch_size, backbone.dim, []
         if stride > p or p % stride or (p // stride) & (p // stride - 1):
             raise ValueError(f'stride {stride} must be the patch size {p} divided by a power of 2')
@@ -157,6 +158,9 @@ class Detector(nn.Module):
                                   nn.Conv2d(head_dim, head_dim, 3, padding=1), nn.GroupNorm(8, head_dim), nn.GELU())
         self.cls = nn.Conv2d(head_dim, num_classes, 3, padding=1)
         self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
+        if o2m:  # a second dense head on the same map, trained one-to-many and used in training only (YOLOv10)
+            self.cls_o2m = nn.Conv2d(head_dim, num_classes, 3, padding=1)
+            self.box_o2m = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
         if dec_layers:  # (only then: DDP requires every parameter to take part in the loss)
             self.query = nn.Sequential(nn.Linear(head_dim, head_dim), nn.LayerNorm(head_dim))  # cell feature -> query
             self.size_pos = nn.Linear(head_dim // 2, head_dim // 2)  # sinusoids of log (w, h) -> half a query position
@@ -167,41 +171,47 @@ class Detector(nn.Module):
         if obb and dec_layers:  # (cos 2 theta, sin 2 theta) of the reference -> added to the size half of q_pos
             self.angle_pos = nn.Linear(2, head_dim // 2)
         prior = -math.log(99)  # probability 0.01 at the start: the focal loss starts stable
-        for m in [self.cls, *self.dec_cls]:
+        for m in [self.cls, *self.dec_cls] + ([self.cls_o2m] if o2m else []):
             nn.init.constant_(m.bias, prior)
-        for m in [self.box, *(b[-1] for b in self.dec_box)]:  # start from the cell / reference box
+        for m in [self.box, *(b[-1] for b in self.dec_box)] + ([self.box_o2m] if o2m else []):  # the cell / ref box
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def dense(self, f, cls, box, centres):
+        """One dense stage on the map f (B, Dh, h, w) with its class and box convolutions -> (output dict: logits
+        (B, M, C), boxes (B, M, 4 | 5), centres, stride; and the decoded (cxcy, wh, theta or None), each (B, M, .))"""
+        logits = cls(f).flatten(2).transpose(1, 2)  # (B, M, C)
+        d = box(f).flatten(2).transpose(1, 2).float()  # (B, M, 4 | 6)
+        cxcy = centres + d[..., :2] * self.stride
+        wh = d[..., 2:4].clamp(-4, 7).exp() * self.stride
+        theta = torch.atan2(d[..., 5], 1 + d[..., 4])[..., None] / 2 if self.obb else None  # (B, M, 1)
+        boxes = torch.cat([cxcy, wh, theta], -1) if self.obb else torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
+        out = {'logits': logits, 'boxes': boxes, 'centres': centres.expand(len(f), -1, -1), 'stride': self.stride}
+        return out, (cxcy, wh, theta)
 
     def forward(self, x):
         """x (B, 3, H, W) normalized -> dict: logits (B, K, C), boxes (B, K, 4) xyxy px (obb: (B, K, 5) cx, cy, w, h,
         theta; theta unwrapped, postprocess wraps it), centres (B, K, 2) (the cell
         each prediction started from), stride; with decoder layers also 'aux' (the earlier layers' outputs) and
-        'dense' (the encoder stage, all M cells). Without, K = M and the encoder stage is the output."""
+        'dense' (the encoder stage, all M cells). Without, K = M and the encoder stage is the output. In training
+        with o2m = k > 0 also 'o2m': the one-to-many head's dense output (all M cells) and its 'topk' k."""
         B, _, H, W = x.shape
         p = self.backbone.patch_size
         f = self.backbone(x).transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, H/p, W/p)
         f = self.neck(f)  # (B, Dh, h, w), h = H / stride
         h, w = f.shape[-2:]
-        logits = self.cls(f).flatten(2).transpose(1, 2)  # (B, M, C), M = h * w
-        d = self.box(f).flatten(2).transpose(1, 2).float()  # (B, M, 4)
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing='ij')
-        centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * self.stride  # (M, 2)
-        cxcy = centres + d[..., :2] * self.stride
-        wh = d[..., 2:4].clamp(-4, 7).exp() * self.stride
-        if self.obb:
-            theta = torch.atan2(d[..., 5], 1 + d[..., 4])[..., None] / 2  # (B, M, 1)
-            boxes = torch.cat([cxcy, wh, theta], -1)
-        else:
-            boxes = torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
-        dense = {'logits': logits, 'boxes': boxes,
-                 'centres': centres.expand(B, -1, -1), 'stride': self.stride}
+        centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * self.stride  # (M, 2), M = h * w
+        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, centres)
+        extra = {}
+        if self.o2m and self.training:  # the one-to-many head: more positives per GT for the shared neck to learn from
+            extra['o2m'] = {**self.dense(f, self.cls_o2m, self.box_o2m, centres)[0], 'topk': self.o2m}
         if not self.layers:
-            return dense
+            return {**dense, **extra}
         # query selection: the K cells whose best class score is highest; their features and boxes start the decoder
         mem = f.flatten(2).transpose(1, 2)  # (B, M, Dh)
         K = min(self.num_queries, mem.shape[1])
-        idx = logits.detach().amax(-1).topk(K, dim=1).indices  # (B, K)
+        idx = dense['logits'].detach().amax(-1).topk(K, dim=1).indices  # (B, K)
         take = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731 (B, M, n) -> (B, K, n)
         q = self.query(take(mem))  # (B, K, Dh)
         ref = torch.cat([take(cxcy), take(wh)] + ([take(theta)] if self.obb else []), -1).detach()  # (B, K, 4|5)
@@ -223,7 +233,7 @@ class Detector(nn.Module):
                 torch.cat([c2 - s2 / 2, c2 + s2 / 2], -1)
             outs.append({'logits': cls_head(q), 'boxes': box, 'centres': start, 'stride': self.stride})
             ref = (box if self.obb else torch.cat([c2, s2], -1)).detach()
-        return {**outs[-1], 'aux': outs[:-1], 'dense': dense}
+        return {**outs[-1], 'aux': outs[:-1], 'dense': dense, **extra}
 
 
 def focal_terms(logits, alpha=0.25, gamma=2.0):
@@ -257,10 +267,12 @@ class MinCostMatcher:
             from scipy.optimize import linear_sum_assignment  # noqa: F401  fail now, not mid-training
 
     @torch.no_grad()
-    def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride):
+    def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride, k=1):
         """logits (M, C), boxes (M, 4), centres (M, 2) cell centres, gt_boxes (G, 4), gt_labels (G,)
-        -> (pred idx (G,), gt idx (G,)), both long."""
+        -> (pred idx (G,), gt idx (G,)), both long. k > 1: one-to-many (assign_top_k), (N,) each, N <= k G."""
         cost = self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride)
+        if k > 1:
+            return assign_top_k(cost, k)
         if self.method == 'hungarian':
             from scipy.optimize import linear_sum_assignment
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
@@ -305,14 +317,31 @@ def assign_min_cost(cost):
     return match[gt], gt
 
 
+def assign_top_k(cost, k):
+    """cost (M, G) -> (rows (N,), cols (N,)): each GT takes its k cheapest predictions inside its centre region
+    (cost < 1e4); a prediction several GT take goes to the cheapest of them (ties: the lower GT index). The
+    one-to-many assignment of the training-only head (YOLOv10's dual assignments, TOOD's top-k)."""
+    M, G = cost.shape
+    vals, rows = cost.topk(min(k, M), dim=0, largest=False)  # (k, G) each GT's k cheapest
+    cols = torch.arange(G, device=cost.device).expand_as(rows)
+    ok = vals < 1e4
+    vals, rows, cols = vals[ok], rows[ok], cols[ok]  # (N,) candidate pairs, ordered by rank then GT
+    order = torch.argsort(vals, stable=True)  # cheapest first; equal costs keep the lower GT index first
+    rows, cols = rows[order], cols[order]
+    first = torch.full((M,), len(rows), device=cost.device).scatter_reduce(
+        0, rows, torch.arange(len(rows), device=cost.device), 'amin')  # (M,) each prediction's cheapest pair
+    win = first[rows] == torch.arange(len(rows), device=cost.device)
+    return rows[win], cols[win]
+
+
 def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal',
                    matches=None, num_gt=None):
     """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
     list of B target dicts (boxes, labels on any device). Oriented boxes (..., 5) use ProbIoU where the text below
     says GIoU or IoU, and l1_form's coordinates for L1.
 
-    Each GT is matched to one prediction (or `matches` are reused: a list of B (pred idx, gt idx) pairs); the
-    matched prediction is a positive for its class, all other (prediction, class) pairs are negatives. Sigmoid focal
+    Each GT is matched to one prediction (to up to k for an output with 'topk' k; or `matches` are reused: a list
+    of B (pred idx, gt idx) pairs); the matched prediction is a positive for its class, all other (prediction, class) pairs are negatives. Sigmoid focal
     loss over all of them (or, cls_loss='varifocal', VarifocalNet's IoU-aware loss: a positive's target is the IoU
     of its box with its GT, weighted by that IoU; negatives as focal with alpha 0.75), plus L1 (in stride units, so
     a 10 px box still gets gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in
@@ -328,7 +357,8 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
         if matches is not None:
             pi, gi = matches[b]
         elif len(gt_boxes):
-            pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres[b], gt_boxes, gt_labels, stride)
+            pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres[b], gt_boxes, gt_labels, stride,
+                             out.get('topk', 1))
         else:
             pi = gi = torch.zeros(0, dtype=torch.long, device=boxes.device)
         found.append((pi, gi))
@@ -359,7 +389,8 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
 def detector_loss(out, targets, matcher, **kw):
     """The loss of every stage of a Detector output: the last decoder layer (matched once), the earlier layers
     (auxiliary losses, reusing those matches: the queries are the same K cells in every layer) and the dense
-    encoder stage (matched on its own, over all cells; it teaches the query selection which cells hold objects).
+    encoder stage (matched on its own, over all cells; it teaches the query selection which cells hold objects) and
+    the one-to-many head when there is one (each GT matched to its top-k cells).
     -> (total, dict of floats for logging: the last layer's terms and diagnostics, and the encoder stage's loss)."""
     total, parts, matches = detection_loss(out, targets, matcher, **kw)
     for aux in out.get('aux', []):
@@ -367,6 +398,9 @@ def detector_loss(out, targets, matcher, **kw):
     if 'dense' in out:
         dense = detection_loss(out['dense'], targets, matcher, **kw)[0]
         total, parts['enc'] = total + dense, dense.detach()
+    if 'o2m' in out:  # the training-only one-to-many head, each GT matched to its top-k cells
+        many = detection_loss(out['o2m'], targets, matcher, **kw)[0]
+        total, parts['o2m'] = total + many, many.detach()
     values = torch.stack(list(parts.values())).tolist()  # one host sync for all the numbers
     return total, dict(zip(parts, values))
 

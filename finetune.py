@@ -99,6 +99,10 @@ def get_parser():
     ap.add_argument('--dec-layers', type=int, default=0, help='decoder layers after the top-K query selection; 0 = '
                     'the dense one-to-one head alone, which learned faster on NWPU VHR-10 val (RESULTS.md) '
                     '(default: %(default)s)')
+    ap.add_argument('--o2m', type=int, default=0, help='k > 0: a second dense head, used in training only, where '
+                    'each GT trains its k cheapest cells (one-to-many), so the shared backbone and neck get k times '
+                    'the positives; inference keeps the one-to-one head, still without NMS (YOLOv10\'s dual '
+                    'assignments) (default: %(default)s)')
     ap.add_argument('--num-queries', type=int, default=0, help='K, the cells that become queries; 0 = max(1000, '
                     '1.2 x the most objects in a training image) (default: %(default)s)')
     ap.add_argument('--eval-every', type=int, default=5, help='evaluate on val every N epochs and at the end '
@@ -151,7 +155,7 @@ def build(args):
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
-                    args.num_queries, obb=args.boxes == 'obb')
+                    args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m)
 
 
 def layer_decay_parts(model, decay):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data import CLASSES, DOTADataset, collate, to_input
-from detector import Detector, MinCostMatcher, assign_min_cost, detection_loss, detector_loss, giou, postprocess
+from detector import Detector, MinCostMatcher, assign_min_cost, assign_top_k, detection_loss, detector_loss, giou, postprocess
 from metrics import evaluate_coco
 from model import build_vit
 from prepare import make_synthetic
@@ -32,6 +32,43 @@ def test_assignment_is_optimal_on_small_cases_where_greedy_is():
     assert dict(zip(cols.tolist(), rows.tolist())) == {0: 0, 1: 1, 2: 2}
     brute = min(itertools.permutations(range(4), 3), key=lambda p: sum(cost[p[g], g] for g in range(3)))
     assert list(brute) == [0, 1, 2]
+
+
+def test_top_k_assignment_takes_each_gt_cheapest_cells_inside_its_region_once():
+    cost = torch.tensor([[0.1, 0.3], [0.2, 0.1], [0.5, 0.2], [0.4, 1e4], [0.6, 0.9]])  # (M=5, G=2)
+    rows, cols = assign_top_k(cost, 3)
+    got = dict(zip(rows.tolist(), cols.tolist()))
+    # GT 0's cheapest three: preds 0, 1, 3; GT 1's: 1, 2, 0. Pred 1 goes to GT 1 (0.1 < 0.2), pred 0 to GT 0
+    # (0.1 < 0.3); pred 3 is outside GT 1's region but inside GT 0's; pred 4 is nobody's top 3.
+    assert got == {0: 0, 1: 1, 2: 1, 3: 0}
+    torch.manual_seed(0)
+    cost = torch.rand(300, 20)
+    rows, cols = assign_top_k(cost, 10)
+    assert len(set(rows.tolist())) == len(rows)  # each prediction at most once
+    assert torch.bincount(cols, minlength=20).max() <= 10 and len(rows) > 100  # 145: conflicts resolved
+    kth = cost.topk(10, dim=0, largest=False).values[-1]  # (G,) each GT's 10th cheapest cost
+    assert (cost[rows, cols] <= kth[cols]).all()  # only a GT's own top 10
+    r1, c1 = assign_top_k(cost, 1)
+    assert len(r1) <= 20 and (cost[r1, c1] == cost.min(0).values[c1]).all()
+
+
+def test_one_to_many_head_trains_without_changing_what_is_predicted():
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 8), 3, 32, dec_layers=0, o2m=4)
+    x, t = torch.randn(1, 3, 32, 32), {'boxes': torch.tensor([[4.0, 4, 20, 20]]), 'labels': torch.tensor([1])}
+    out = det(x)
+    assert out['o2m']['topk'] == 4 and out['o2m']['logits'].shape == out['logits'].shape
+    _, _, [(pi, gi)] = detection_loss(out['o2m'], [t], MinCostMatcher())
+    assert len(pi) == 4 and gi.tolist() == [0] * 4  # 4 positive cells for the one GT
+    loss, parts = detector_loss(out, [t], MinCostMatcher())
+    loss.backward()
+    assert parts['o2m'] > 0 and det.cls_o2m.weight.grad.abs().sum() > 0
+    det.eval()
+    with torch.no_grad():
+        plain = Detector(build_vit('test', 8), 3, 32, dec_layers=0)
+        plain.load_state_dict({k: v for k, v in det.state_dict().items() if 'o2m' not in k})
+        a, b = det(x), plain.eval()(x)
+    assert 'o2m' not in a and torch.equal(a['logits'], b['logits'])  # inference: the one-to-one head only
 
 
 def test_matcher_gives_neighbouring_cells_to_objects_sharing_a_cell():
