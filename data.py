@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from obb import clip_to_rect, obb_to_poly, poly_to_obb, polygon_area, wrap_angle
@@ -161,16 +162,21 @@ def read_image(path, header_only=False):
 class DOTADataset(torch.utils.data.Dataset):
     """Images of ROOT/SPLIT with their boxes. Labels are parsed once, at construction.
 
-    train=True: random crop to img_size (object scale kept, padded with zeros when the image is smaller) and, with
-    flips=True, a random element of the dihedral group (flips and 90 degree rotations). train=False: the whole image.
+    train=True: with scale=s > 0 a random resize by a factor drawn uniformly from [1 - s, 1 + s] (YOLO's scale
+    augmentation: objects seen at other sizes), a random crop to img_size (padded with zeros when the image is
+    smaller) and, with flips=True, a random element of the dihedral group (flips and 90 degree rotations).
+    train=False: the whole image.
     Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, or with boxes='obb' (n, 5) cx, cy, w, h, theta,
     'labels': (n,) int64, 'difficult': (n,) bool, 'name': str, 'size': (H, W)}).
     """
 
-    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True, boxes='hbb'):
+    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True, boxes='hbb',
+                 scale=0.0):
         if boxes not in ('hbb', 'obb'):
             raise ValueError(f"boxes must be 'hbb' or 'obb', got {boxes!r}")
-        self.class_names, self.img_size, self.train, self.flips = class_names, img_size, train, flips
+        if not 0 <= scale < 1:
+            raise ValueError(f'scale must be in [0, 1), got {scale}')
+        self.class_names, self.img_size, self.train, self.flips, self.scale = class_names, img_size, train, flips, scale
         self.kind = boxes
         self.strict, self.damaged = strict, []  # images that failed to decode during training (paths)
         folder = Path(root) / split
@@ -252,6 +258,8 @@ class DOTADataset(torch.utils.data.Dataset):
         boxes, labels, diff = (torch.from_numpy(t[k]) for k in ('boxes', 'labels', 'difficult'))
         target = {'name': self.files[i].stem}
         if self.train:
+            if self.scale:
+                img, boxes = random_resize(img, boxes, self.scale, g)
             img, boxes, keep = random_crop(img, boxes, self.img_size, g)
             labels, diff = labels[keep], diff[keep]
             if self.flips:
@@ -265,6 +273,17 @@ class DOTADataset(torch.utils.data.Dataset):
 # The CPU side only decodes and crops (a view). Flips and 90-degree turns are drawn here but applied to the pixels on
 # the device (orient): a transposing copy of a 1024^2 RGB tile costs ~2 ms on a CPU, half its JPEG decode; on the
 # device it is free. The boxes are transformed here, so a target always describes the image as the model sees it.
+def random_resize(img, boxes, scale, generator=None):
+    """img (H, W, 3) uint8 and its boxes (N, 4) xyxy or (N, 5) oriented, resized by a factor drawn uniformly
+    from [1 - scale, 1 + scale] (bilinear, antialiased when shrinking); an angle does not change."""
+    f = 1 + scale * (2 * float(torch.rand((), generator=generator)) - 1)
+    h, w = (max(round(n * f), 1) for n in img.shape[:2])
+    x = F.interpolate(img.permute(2, 0, 1)[None].float(), size=(h, w), mode='bilinear', antialias=f < 1)
+    f_xy = torch.tensor([w / img.shape[1], h / img.shape[0]] * 2, dtype=boxes.dtype)  # the exact factors, per axis
+    boxes = boxes * (f_xy if boxes.shape[1] == 4 else torch.cat([f_xy, torch.ones(1, dtype=boxes.dtype)]))
+    return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0), boxes
+
+
 def random_crop(img, boxes, size, generator=None):
     """A random window of at most size x size of img (H, W, 3), as a view (collate pads smaller ones); boxes are
     shifted and clipped, and those left with less than 1 px of width or height are dropped (keep mask returned).
@@ -411,8 +430,8 @@ def epoch_loader(ds, batch_size, patch_size, workers, seed, epoch, start_batch=0
 
 
 def make_loader(root, split, class_names, img_size, batch_size, train, workers, patch_size, rank=0, world=1,
-                flips=True, strict=False, boxes='hbb'):
-    ds = DOTADataset(root, split, class_names, img_size, train, strict=strict, flips=flips, boxes=boxes)
+                flips=True, strict=False, boxes='hbb', scale=0.0):
+    ds = DOTADataset(root, split, class_names, img_size, train, strict=strict, flips=flips, boxes=boxes, scale=scale)
     return Loader(ds, batch_size, patch_size, workers, shuffle=train, drop_last=train and len(ds) >= batch_size,
                   rank=rank, world=world)
 

@@ -53,6 +53,9 @@ def get_parser():
                     help='hbb: axis-aligned boxes (DOTA task 2); obb: oriented boxes (cx, cy, w, h, theta) from the '
                          'label polygons (task 1), trained with ProbIoU, evaluated by polygon IoU (default: '
                          '%(default)s)')
+    ap.add_argument('--scale', type=float, default=0.0, help='s > 0: resize each training image by a random factor '
+                    'in [1 - s, 1 + s] before the crop (YOLO\'s scale augmentation, 0.5 there); 0 = off '
+                    '(default: %(default)s)')
     ap.add_argument('--no-flips', action='store_true', help='train without the random flips and 90-degree turns '
                                                             '(random crops stay): for overfitting checks')
     ap.add_argument('--strict', action='store_true', help='stop at a damaged image or a repaired label instead of '
@@ -204,7 +207,7 @@ def main(argv=None):
     class_names = CLASSES[args.classes]
     root = resolve_data(args.data)
     ds = DOTADataset(root, 'train', class_names, args.img_size, train=True, strict=args.strict,
-                     flips=not args.no_flips, boxes=args.boxes)
+                     flips=not args.no_flips, boxes=args.boxes, scale=args.scale)
     val_loader = make_loader(root, 'val', class_names, None, args.batch_size, False, args.workers, args.patch_size,
                              strict=args.strict, boxes=args.boxes)
     steps_per_epoch = len(ds) // (args.batch_size * world)
