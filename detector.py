@@ -143,10 +143,10 @@ class Detector(nn.Module):
     """
 
     def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
-                 obb=False, o2m=0):
+                 obb=False, o2m=0, max_filter=False):
         super().__init__()
         self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
-        self.o2m = o2m
+        self.o2m, self.max_filter = o2m, max_filter
         p, c, layers = backbone.patch_size, backbone.dim, []
         if stride > p or p % stride or (p // stride) & (p // stride - 1):
             raise ValueError(f'stride {stride} must be the patch size {p} divided by a power of 2')
@@ -156,7 +156,10 @@ class Detector(nn.Module):
         self.stride = p
         self.neck = nn.Sequential(*layers, nn.Conv2d(c, head_dim, 1), nn.GroupNorm(8, head_dim), nn.GELU(),
                                   nn.Conv2d(head_dim, head_dim, 3, padding=1), nn.GroupNorm(8, head_dim), nn.GELU())
-        self.cls = nn.Conv2d(head_dim, num_classes, 3, padding=1)
+        # max_filter: the class scores also see how far each cell's features are below their 3 x 3 neighbourhood's
+        # maximum, so that of two neighbours seeing the same object only one need fire (DeFCN's max filtering,
+        # one scale): a one-to-one head without NMS otherwise has to tell near-identical cells apart
+        self.cls = nn.Conv2d(head_dim * (2 if max_filter else 1), num_classes, 3, padding=1)
         self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
         if o2m:  # a second dense head on the same map, trained one-to-many and used in training only (YOLOv10)
             self.cls_o2m = nn.Conv2d(head_dim, num_classes, 3, padding=1)
@@ -177,10 +180,11 @@ class Detector(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def dense(self, f, cls, box, centres):
-        """One dense stage on the map f (B, Dh, h, w) with its class and box convolutions -> (output dict: logits
-        (B, M, C), boxes (B, M, 4 | 5), centres, stride; and the decoded (cxcy, wh, theta or None), each (B, M, .))"""
-        logits = cls(f).flatten(2).transpose(1, 2)  # (B, M, C)
+    def dense(self, f, cls, box, centres, g=None):
+        """One dense stage on the map f (B, Dh, h, w) with its class and box convolutions (cls reads g if given)
+        -> (output dict: logits (B, M, C), boxes (B, M, 4 | 5), centres, stride; and the decoded (cxcy, wh, theta or
+        None), each (B, M, .))"""
+        logits = cls(f if g is None else g).flatten(2).transpose(1, 2)  # (B, M, C)
         d = box(f).flatten(2).transpose(1, 2).float()  # (B, M, 4 | 6)
         cxcy = centres + d[..., :2] * self.stride
         wh = d[..., 2:4].clamp(-4, 7).exp() * self.stride
@@ -202,7 +206,8 @@ class Detector(nn.Module):
         h, w = f.shape[-2:]
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing='ij')
         centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * self.stride  # (M, 2), M = h * w
-        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, centres)
+        g = torch.cat([f, f - F.max_pool2d(f, 3, 1, 1)], 1) if self.max_filter else f  # (B, Dh or 2 Dh, h, w)
+        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, centres, g)
         extra = {}
         if self.o2m and self.training:  # the one-to-many head: more positives per GT for the shared neck to learn from
             extra['o2m'] = {**self.dense(f, self.cls_o2m, self.box_o2m, centres)[0], 'topk': self.o2m}
@@ -341,13 +346,14 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     says GIoU or IoU, and l1_form's coordinates for L1.
 
     Each GT is matched to one prediction (to up to k for an output with 'topk' k; or `matches` are reused: a list
-    of B (pred idx, gt idx) pairs); the matched prediction is a positive for its class, all other (prediction, class) pairs are negatives. Sigmoid focal
-    loss over all of them (or, cls_loss='varifocal', VarifocalNet's IoU-aware loss: a positive's target is the IoU
-    of its box with its GT, weighted by that IoU; negatives as focal with alpha 0.75), plus L1 (in stride units, so
-    a 10 px box still gets gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in
-    the batch (or by num_gt: under DDP, the mean over ranks). -> (total loss, dict of detached numbers for logging:
-    the terms, the mean IoU of the matched pairs, and the number of (prediction, class) scores above 0.3 per GT:
-    about 1 when the one-to-one matching has taught the head not to duplicate), matches)."""
+    of B (pred idx, gt idx) pairs); the matched prediction is a positive for its class, all other (prediction,
+    class) pairs are negatives. Sigmoid focal loss over all of them (or, cls_loss='varifocal', VarifocalNet's
+    IoU-aware loss: a positive's target is the IoU of its box with its GT, weighted by that IoU; negatives as focal
+    with alpha 0.75), plus L1 (in stride units, so a 10 px box still gets gradient) and 1 - GIoU on the matched
+    pairs; each term is divided by the number of GT in the batch (or by num_gt: under DDP, the mean over ranks;
+    one-to-many: by the number of matched pairs). -> (total loss, dict of detached numbers for logging: the terms,
+    the mean IoU of the matched pairs, and the number of (prediction, class) scores above 0.3 per GT: about 1 when
+    the one-to-one matching has taught the head not to duplicate), matches)."""
     logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
     quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
@@ -367,6 +373,8 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
     n = max(sum(len(t['boxes']) for t in targets), 1) if num_gt is None else num_gt.clamp(min=1)  # a tensor
+    if out.get('topk', 1) > 1:  # one-to-many: the mean over positives (FCOS, TOOD), not k times a one-to-one loss
+        n = max(sum(len(pi) for pi, _ in found), 1)
     if cls_loss == 'varifocal':
         x = logits.float()
         pos = quality * F.binary_cross_entropy_with_logits(x, quality, reduction='none')

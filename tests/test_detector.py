@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from data import CLASSES, DOTADataset, collate, to_input
-from detector import Detector, MinCostMatcher, assign_min_cost, assign_top_k, detection_loss, detector_loss, giou, postprocess
+from detector import (Detector, MinCostMatcher, assign_min_cost, assign_top_k, detection_loss, detector_loss, giou,
+                      postprocess)
 from metrics import evaluate_coco
 from model import build_vit
 from prepare import make_synthetic
@@ -61,13 +62,16 @@ def test_one_to_many_head_trains_without_changing_what_is_predicted():
     _, _, [(pi, gi)] = detection_loss(out['o2m'], [t], MinCostMatcher())
     assert len(pi) == 4 and gi.tolist() == [0] * 4  # 4 positive cells for the one GT
     loss, parts = detector_loss(out, [t], MinCostMatcher())
+    plain = {k: v for k, v in out['o2m'].items() if k != 'topk'}  # the same pairs, averaged over the 4 positives
+    assert parts['o2m'] == pytest.approx(detection_loss(plain, [t], None, matches=[(pi, gi)],
+                                                        num_gt=torch.tensor(4.0))[0].item(), rel=1e-5)
     loss.backward()
     assert parts['o2m'] > 0 and det.cls_o2m.weight.grad.abs().sum() > 0
     det.eval()
     with torch.no_grad():
-        plain = Detector(build_vit('test', 8), 3, 32, dec_layers=0)
-        plain.load_state_dict({k: v for k, v in det.state_dict().items() if 'o2m' not in k})
-        a, b = det(x), plain.eval()(x)
+        one = Detector(build_vit('test', 8), 3, 32, dec_layers=0)
+        one.load_state_dict({k: v for k, v in det.state_dict().items() if 'o2m' not in k})
+        a, b = det(x), one.eval()(x)
     assert 'o2m' not in a and torch.equal(a['logits'], b['logits'])  # inference: the one-to-one head only
 
 
@@ -154,3 +158,15 @@ def test_losses_are_finite_and_every_gt_is_matched(n_gt):
     assert all(torch.isfinite(p.grad).all() for p in det.parameters() if p.grad is not None)
     _, _, [(pi, gi)] = detection_loss(out, [t], MinCostMatcher())
     assert sorted(gi.tolist()) == list(range(n_gt)) and len(set(pi.tolist())) == n_gt  # one-to-one, all GT
+
+
+def test_max_filter_lets_the_class_scores_see_the_local_maximum():
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 8), 3, 32, dec_layers=0, max_filter=True)
+    assert det.cls.in_channels == 64  # the features and their distance below the 3 x 3 maximum
+    x = torch.randn(2, 3, 32, 32)
+    out = det(x)
+    assert out['logits'].shape == (2, 16, 3)
+    t = {'boxes': torch.tensor([[4.0, 4, 20, 20]]), 'labels': torch.tensor([1])}
+    detector_loss(out, [t, t], MinCostMatcher())[0].backward()
+    assert det.cls.weight.grad[:, 32:].abs().sum() > 0  # the max-filtered half takes part
