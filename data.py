@@ -270,9 +270,9 @@ class DOTADataset(torch.utils.data.Dataset):
         return img, target
 
 
-# The CPU side only decodes and crops (a view). Flips and 90-degree turns are drawn here but applied to the pixels on
-# the device (orient): a transposing copy of a 1024^2 RGB tile costs ~2 ms on a CPU, half its JPEG decode; on the
-# device it is free. The boxes are transformed here, so a target always describes the image as the model sees it.
+# The CPU side only decodes and crops (a view; with --scale it also resizes). Flips and 90-degree turns are drawn
+# here but applied to the pixels on the device (orient): a transposing copy of a 1024^2 RGB tile costs ~2 ms on a
+# CPU, half its JPEG decode; on the device it is free. The boxes are transformed here, so a target always describes the image as the model sees it.
 def random_resize(img, boxes, scale, generator=None):
     """img (H, W, 3) uint8 and its boxes (N, 4) xyxy or (N, 5) oriented, resized by a factor drawn uniformly
     from [1 - scale, 1 + scale] (bilinear, antialiased when shrinking); an angle does not change."""
@@ -430,8 +430,8 @@ def epoch_loader(ds, batch_size, patch_size, workers, seed, epoch, start_batch=0
 
 
 def make_loader(root, split, class_names, img_size, batch_size, train, workers, patch_size, rank=0, world=1,
-                flips=True, strict=False, boxes='hbb', scale=0.0):
-    ds = DOTADataset(root, split, class_names, img_size, train, strict=strict, flips=flips, boxes=boxes, scale=scale)
+                flips=True, strict=False, boxes='hbb'):
+    ds = DOTADataset(root, split, class_names, img_size, train, strict=strict, flips=flips, boxes=boxes)
     return Loader(ds, batch_size, patch_size, workers, shuffle=train, drop_last=train and len(ds) >= batch_size,
                   rank=rank, world=world)
 
