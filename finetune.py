@@ -6,7 +6,7 @@
 The detector (detector.Detector) predicts a box and class scores at every cell of a stride-8 map (the dense
 one-to-one head: the default); with --dec-layers N it also turns the top-K cells into queries and refines them with
 a small transformer decoder. Training matches each ground-truth box to exactly one prediction per stage
-(detector.MinCostMatcher) and there is no NMS at inference. The defaults (dense head, lr 5e-4, no stochastic depth,
+(matcher.MinCostMatcher) and there is no NMS at inference. The defaults (dense head, lr 5e-4, no stochastic depth,
 varifocal loss) are the recipe measured best on NWPU VHR-10 val (RESULTS.md). OUT/results.csv gets one line per
 epoch (losses, lr, val mAP50 and mAP50-95, seconds) and, with matplotlib installed, results.png draws it;
 --time MINUTES fits the run to a wall-clock budget. The model is
@@ -31,7 +31,8 @@ from tqdm import tqdm
 import runtime
 from data import CLASSES, DOTADataset, epoch_loader, make_loader, to_input
 from evaluate import plot_results, run_eval
-from detector import Detector, MinCostMatcher, detector_loss
+from detector import Detector
+from matcher import MinCostMatcher, detector_loss
 from model import PRESETS, build_vit, ema_update, init_weights, lr_at, param_groups
 from prepare import resolve_data
 

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import CLASSES  # noqa: E402
-from detector import Detector, MinCostMatcher, assign_min_cost, detector_loss  # noqa: E402
+from detector import Detector  # noqa: E402
+from matcher import MinCostMatcher, assign_min_cost, detector_loss  # noqa: E402
 from model import build_vit  # noqa: E402
 from prepare import synth_image  # noqa: E402
 

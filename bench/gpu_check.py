@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from masking import random_masking  # noqa: E402
-from detector import Detector, MinCostMatcher, detector_loss  # noqa: E402
+from detector import Detector  # noqa: E402
+from matcher import MinCostMatcher, detector_loss  # noqa: E402
 from model import PRESETS, Predictor, build_vit, ema_update, param_groups  # noqa: E402
 from pretrain import Student, jepa_loss  # noqa: E402
 from pretrain_bench import step_flops  # noqa: E402

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from data import CLASSES, DOTADataset, collate, to_input
-from detector import (Detector, MinCostMatcher, assign_min_cost, assign_top_k, detection_loss, detector_loss, giou,
-                      postprocess)
+from detector import Detector, postprocess
+from matcher import MinCostMatcher, assign_min_cost, assign_top_k, detection_loss, detector_loss, giou
 from metrics import evaluate_coco
 from model import build_vit
 from prepare import make_synthetic

@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT
 from data import CLASSES, DOTADataset, Loader
-from detector import Detector, MinCostMatcher, assign_min_cost
+from detector import Detector
+from matcher import MinCostMatcher, assign_min_cost
 from finetune import layer_decay_parts, shared_centre_share
 from model import build_vit, param_groups
 from prepare import make_synthetic

@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 
 from conftest import ROOT
 from data import CLASSES, DOTADataset, collate, orient, random_crop, random_dihedral, to_input
-from detector import Detector, MinCostMatcher, detector_loss, postprocess, probiou
+from detector import Detector, postprocess
+from matcher import MinCostMatcher, detector_loss, probiou
 from metrics import evaluate_coco, evaluate_dota
 from model import build_vit
 from obb import clip_to_rect, obb_to_poly, poly_iou_matrix, poly_to_obb, polygon_area, polygon_iou

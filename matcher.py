@@ -1,0 +1,250 @@
+"""How the detector is trained: box overlaps (GIoU; ProbIoU for oriented boxes), the one-to-one matcher between
+predicted cells and ground-truth objects, the one-to-many assignment of the training-only o2m head, and the losses.
+
+The matcher is a DETR-style set matching restricted by a centre prior (a cell may only claim objects near it); the
+model itself (detector.py) neither knows nor imports any of this.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+def giou(a, b):
+    """Generalized IoU of boxes a (..., 4) and b (..., 4), xyxy, broadcasting. -> (giou, iou), each (...).
+    Per coordinate, so that pairwise use (a[:, None], b[None]) makes (M, G) tensors, never (M, G, 2) ones."""
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    area_a = (ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)
+    area_b = (bx2 - bx1).clamp(min=0) * (by2 - by1).clamp(min=0)
+    inter = ((torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0) *
+             (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0))
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-9)
+    hull = ((torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)).clamp(min=0) *
+            (torch.maximum(ay2, by2) - torch.minimum(ay1, by1)).clamp(min=0))
+    return iou - (hull - union) / hull.clamp(min=1e-9), iou
+
+
+def gaussian(b):
+    """Oriented boxes (..., 5) -> the covariance (a, b, c) (each (...), Sigma = [[a, c], [c, b]]) of the uniform
+    distribution over each box: R diag(w^2, h^2) R^T / 12. Only (cos 2 theta, sin 2 theta) enter, so theta and
+    theta + pi give the same Gaussian (no jump at +-pi/2), and so do (w, h, theta) and (h, w, theta + pi/2)."""
+    w2, h2, t = b[..., 2] ** 2 / 12, b[..., 3] ** 2 / 12, 2 * b[..., 4]
+    mean, half = (w2 + h2) / 2, (w2 - h2) / 2
+    return mean + half * torch.cos(t), mean - half * torch.cos(t), half * torch.sin(t)
+
+
+def probiou(p, q, eps=1e-7):
+    """ProbIoU (Llerena et al. 2021) of oriented boxes p (..., 5) and q (..., 5), broadcasting -> (...) in [0, 1]:
+    1 - the Hellinger distance sqrt(1 - exp(-B)) of their Gaussians, with B the Bhattacharyya distance
+    B = (mu_p - mu_q)^T S^-1 (mu_p - mu_q) / 8 + ln(det S / sqrt(det S_p det S_q)) / 2, S = (S_p + S_q) / 2.
+    Differentiable everywhere, 1 for identical boxes, independent of the scale (a 6 px car learns like a plane);
+    a square's angle changes nothing (its Gaussian is round); identical boxes give 1 - sqrt(eps) (the eps keeps
+    the gradient finite there). Per coordinate: pairwise use makes (M, G) tensors."""
+    (a1, b1, c1), (a2, b2, c2) = gaussian(p.float()), gaussian(q.float())
+    a, b, c = (a1 + a2) / 2, (b1 + b2) / 2, (c1 + c2) / 2
+    det = (a * b - c ** 2).clamp(min=eps)
+    dx, dy = p[..., 0].float() - q[..., 0].float(), p[..., 1].float() - q[..., 1].float()
+    maha = (b * dx ** 2 - 2 * c * dx * dy + a * dy ** 2) / det / 8
+    spread = 0.5 * torch.log(det / ((a1 * b1 - c1 ** 2).clamp(min=eps) * (a2 * b2 - c2 ** 2).clamp(min=eps)).sqrt())
+    bd = (maha + spread).clamp(min=0, max=100)
+    return 1 - (1 - torch.exp(-bd) + eps).sqrt()
+
+
+def overlap(a, b):
+    """(overlap used by the cost and loss, IoU-like quality) of boxes a, b broadcasting: (GIoU, IoU) for (..., 4)
+    xyxy boxes, (ProbIoU, ProbIoU) for (..., 5) oriented ones."""
+    if a.shape[-1] == 5:
+        p = probiou(a, b)
+        return p, p
+    return giou(a, b)
+
+
+def l1_form(boxes):
+    """The coordinates the L1 terms compare: xyxy as they are; oriented boxes as (cx, cy, long side, short side),
+    so that (w, h, theta) and (h, w, theta + pi/2), one box, cost the same (the angle is ProbIoU's business)."""
+    if boxes.shape[-1] == 5:
+        w, h = boxes[..., 2], boxes[..., 3]
+        return torch.stack([boxes[..., 0], boxes[..., 1], torch.maximum(w, h), torch.minimum(w, h)], -1)
+    return boxes
+
+
+def half_extent(boxes):
+    """(..., 4) xyxy or (..., 5) oriented -> centre (..., 2) and half the axis-aligned extent (..., 2)."""
+    if boxes.shape[-1] == 5:
+        c, s = torch.cos(boxes[..., 4]).abs(), torch.sin(boxes[..., 4]).abs()
+        w, h = boxes[..., 2], boxes[..., 3]
+        return boxes[..., :2], torch.stack([w * c + h * s, w * s + h * c], -1) / 2
+    return (boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2]) / 2
+
+
+def focal_terms(logits, alpha=0.25, gamma=2.0):
+    """Focal-loss cost of calling each logit positive and negative (sigmoid focal loss, RetinaNet)."""
+    p = logits.sigmoid()
+    pos = alpha * (1 - p) ** gamma * F.softplus(-logits)  # -log p = softplus(-x)
+    neg = (1 - alpha) * p ** gamma * F.softplus(logits)  # -log(1 - p) = softplus(x)
+    return pos, neg
+
+
+class MinCostMatcher:
+    """One-to-one assignment of the G ground-truth boxes of an image to its M >= G predictions.
+
+    cost[m, g] = w_cls * (pos_m,c - neg_m,c) + w_l1 * |box_m - gt_g|_1 / stride - w_giou * GIoU(box_m, gt_g)
+                 + 1e4 * [centre of cell m is outside the centre region of gt g]
+    with c the class of gt g and pos/neg the focal costs of calling logit (m, c) positive/negative (Deformable
+    DETR's class cost). The centre region of a box (cx, cy, w, h) is |x - cx| <= max(w/2, 1.5 stride) and the same
+    in y: a spatial prior that makes the assignment stable early in training and gives 6 px objects a few cells.
+    The rule (a min-cost greedy, not the Hungarian optimum): in rounds, every unmatched GT proposes its cheapest
+    free prediction; a prediction proposed by several GT takes the one with the lowest cost (ties: lower GT index)
+    and leaves the game. Each round matches at least one GT, usually almost all; torch ops only, no loop over boxes.
+    Oriented boxes: ProbIoU in place of GIoU, L1 on (cx, cy, long side, short side) (l1_form), and the centre
+    region from the box's axis-aligned extent.
+    """
+
+    def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, method='greedy'):
+        """method: 'greedy' (the rule above) or 'hungarian' (scipy's linear_sum_assignment on the same cost, for
+        comparison; scipy is not a run-time requirement)."""
+        self.w_cls, self.w_l1, self.w_giou, self.radius, self.method = w_cls, w_l1, w_giou, radius, method
+        if method == 'hungarian':
+            from scipy.optimize import linear_sum_assignment  # noqa: F401  fail now, not mid-training
+
+    @torch.no_grad()
+    def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride, k=1):
+        """logits (M, C), boxes (M, 4), centres (M, 2) cell centres, gt_boxes (G, 4), gt_labels (G,)
+        -> (pred idx (G,), gt idx (G,)), both long. k > 1: one-to-many (assign_top_k), (N,) each, N <= k G."""
+        cost = self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride)
+        if k > 1:
+            return assign_top_k(cost, k)
+        if self.method == 'hungarian':
+            from scipy.optimize import linear_sum_assignment
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
+        return assign_min_cost(cost)
+
+    @torch.no_grad()
+    def cost(self, logits, boxes, centres, gt_boxes, gt_labels, stride):
+        """The cost matrix (M, G) of the docstring above."""
+        # Each term is built at (M, G) directly, never (M, G, 2 or 4): this matrix is the matcher's main cost.
+        pos, neg = focal_terms(logits.float())  # (M, C) each, gathered per GT below (C << G in dense tiles)
+        cost = self.w_cls * (pos - neg)[:, gt_labels]  # (M, G)
+        cost += self.w_l1 / stride * torch.cdist(l1_form(boxes.float()), l1_form(gt_boxes.float()), p=1)  # (M, G)
+        cost -= self.w_giou * overlap(boxes[:, None], gt_boxes[None])[0]
+        gc, half = half_extent(gt_boxes)  # (G, 2) each
+        reach = half.clamp(min=self.radius * stride)  # (G, 2)
+        outside = ((centres[:, None, 0] - gc[:, 0]).abs() > reach[:, 0]) | \
+                  ((centres[:, None, 1] - gc[:, 1]).abs() > reach[:, 1])  # (M, G)
+        return cost + 1e4 * outside
+
+
+def assign_min_cost(cost):
+    """cost (M, G) -> (rows (K,), cols (K,)) one-to-one, K = min(M, G), by the rounds rule of MinCostMatcher."""
+    M, G = cost.shape
+    cost = cost.clone()
+    match = torch.full((G,), -1, dtype=torch.long, device=cost.device)  # GT g -> prediction
+    ar = torch.arange(G, device=cost.device)
+    for _ in range(min(M, G)):  # a bound, never reached: each round matches at least one GT
+        todo = (match < 0).nonzero().squeeze(1)  # (T,) unmatched GT
+        if len(todo) == 0 or len(todo) <= G - M:
+            break
+        c = cost[:, todo]  # (M, T)
+        best = c.argmin(0)  # (T,) each GT's cheapest free prediction
+        order = c[best, ar[:len(todo)]].argsort(stable=True)  # proposals, cheapest first (ties: lower GT index)
+        pred = best[order]
+        first = torch.full((M,), len(todo), device=cost.device).scatter_reduce(
+            0, pred, ar[:len(todo)], 'amin')  # (M,) position of each prediction's cheapest proposal
+        win = first[pred] == ar[:len(todo)]  # (T,) in `order` order
+        match[todo[order[win]]] = pred[win]
+        cost[pred[win]] = float('inf')  # taken predictions leave the game
+    gt = (match >= 0).nonzero().squeeze(1)
+    return match[gt], gt
+
+
+def assign_top_k(cost, k):
+    """cost (M, G) -> (rows (N,), cols (N,)): each GT takes its k cheapest predictions inside its centre region
+    (cost < 1e4); a prediction several GT take goes to the cheapest of them (ties: the lower GT index). The
+    one-to-many assignment of the training-only head (YOLOv10's dual assignments, TOOD's top-k)."""
+    M, G = cost.shape
+    vals, rows = cost.topk(min(k, M), dim=0, largest=False)  # (k, G) each GT's k cheapest
+    cols = torch.arange(G, device=cost.device).expand_as(rows)
+    ok = vals < 1e4
+    vals, rows, cols = vals[ok], rows[ok], cols[ok]  # (N,) candidate pairs, ordered by rank then GT
+    order = torch.argsort(vals, stable=True)  # cheapest first; equal costs keep the lower GT index first
+    rows, cols = rows[order], cols[order]
+    first = torch.full((M,), len(rows), device=cost.device).scatter_reduce(
+        0, rows, torch.arange(len(rows), device=cost.device), 'amin')  # (M,) each prediction's cheapest pair
+    win = first[rows] == torch.arange(len(rows), device=cost.device)
+    return rows[win], cols[win]
+
+
+def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal',
+                   matches=None, num_gt=None):
+    """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
+    list of B target dicts (boxes, labels on any device). Oriented boxes (..., 5) use ProbIoU where the text below
+    says GIoU or IoU, and l1_form's coordinates for L1.
+
+    Each GT is matched to one prediction (to up to k for an output with 'topk' k; or `matches` are reused: a list
+    of B (pred idx, gt idx) pairs); the matched prediction is a positive for its class, all other (prediction,
+    class) pairs are negatives. Sigmoid focal loss over all of them (or, cls_loss='varifocal', VarifocalNet's
+    IoU-aware loss: a positive's target is the IoU of its box with its GT, weighted by that IoU; negatives as focal
+    with alpha 0.75), plus L1 (in stride units, so a 10 px box still gets gradient) and 1 - GIoU on the matched
+    pairs; each term is divided by the number of GT in the batch (or by num_gt: under DDP, the mean over ranks;
+    one-to-many: by the number of matched pairs). -> (total loss, dict of detached numbers for logging: the terms,
+    the mean IoU of the matched pairs, and the number of (prediction, class) scores above 0.3 per GT: about 1 when
+    the one-to-one matching has taught the head not to duplicate), matches)."""
+    logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
+    is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
+    quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
+    src, tgt, found = [], [], []
+    for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes
+        gt_boxes, gt_labels = t['boxes'].to(boxes.device).float(), t['labels'].to(boxes.device)
+        if matches is not None:
+            pi, gi = matches[b]
+        elif len(gt_boxes):
+            pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres[b], gt_boxes, gt_labels, stride,
+                             out.get('topk', 1))
+        else:
+            pi = gi = torch.zeros(0, dtype=torch.long, device=boxes.device)
+        found.append((pi, gi))
+        is_pos[b, pi, gt_labels[gi]] = True
+        quality[b, pi, gt_labels[gi]] = overlap(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
+        src.append(boxes[b, pi])
+        tgt.append(gt_boxes[gi])
+    n = max(sum(len(t['boxes']) for t in targets), 1) if num_gt is None else num_gt.clamp(min=1)  # a tensor
+    if out.get('topk', 1) > 1:  # one-to-many: the mean over positives (FCOS, TOOD), not k times a one-to-one loss
+        n = max(sum(len(pi) for pi, _ in found), 1)
+    if cls_loss == 'varifocal':
+        x = logits.float()
+        pos = quality * F.binary_cross_entropy_with_logits(x, quality, reduction='none')
+        neg = 0.75 * x.sigmoid() ** gamma * F.softplus(x)  # -log(1 - p) = softplus(x)
+    else:
+        pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, K, C) each
+    loss_cls = torch.where(is_pos, pos, neg).sum() / n
+    src, tgt = torch.cat(src).float(), torch.cat(tgt)
+    loss_l1 = (l1_form(src) - l1_form(tgt)).abs().sum() / stride / n  # 0 (with a gradient path) when there is no GT
+    g, iou = overlap(src, tgt)
+    oriented = src.shape[-1] == 5  # then g is ProbIoU and the term is logged as such
+    loss_giou = (1 - g).sum() / n
+    total = w_cls * loss_cls + w_l1 * loss_l1 + w_giou * loss_giou
+    parts = {'cls': loss_cls.detach(), 'l1': loss_l1.detach(), 'probiou' if oriented else 'giou': loss_giou.detach(),
+             'iou': iou.detach().mean() if iou.numel() else torch.zeros(()),
+             'above_0.3_per_gt': (logits.detach().float() > math.log(0.3 / 0.7)).sum() / n}  # sigmoid > 0.3
+    return total, parts, found
+
+
+def detector_loss(out, targets, matcher, **kw):
+    """The loss of every stage of a Detector output: the last decoder layer (matched once), the earlier layers
+    (auxiliary losses, reusing those matches: the queries are the same K cells in every layer) and the dense
+    encoder stage (matched on its own, over all cells; it teaches the query selection which cells hold objects) and
+    the one-to-many head when there is one (each GT matched to its top-k cells).
+    -> (total, dict of floats for logging: the last layer's terms and diagnostics, and the encoder stage's loss)."""
+    total, parts, matches = detection_loss(out, targets, matcher, **kw)
+    for aux in out.get('aux', []):
+        total = total + detection_loss(aux, targets, matcher, matches=matches, **kw)[0]
+    if 'dense' in out:
+        dense = detection_loss(out['dense'], targets, matcher, **kw)[0]
+        total, parts['enc'] = total + dense, dense.detach()
+    if 'o2m' in out:  # the training-only one-to-many head, each GT matched to its top-k cells
+        many = detection_loss(out['o2m'], targets, matcher, **kw)[0]
+        total, parts['o2m'] = total + many, many.detach()
+    values = torch.stack(list(parts.values())).tolist()  # one host sync for all the numbers
+    return total, dict(zip(parts, values))
