@@ -58,6 +58,28 @@ class DecoderLayer(nn.Module):
         return q + self.mlp(self.norm3(q))
 
 
+class SpatialPrior(nn.Module):
+    """Pixels (B, 3, H, W) -> local detail at the map's stride (B, out, H / stride, W / stride): 3x3 stride-2
+    convolutions of 16, 32, 64, ... channels (YOLOv8n's stem widths), one more 3x3 at the last level (receptive field
+    31 px at stride 8), then a 1x1 to the head width; GroupNorm and GELU after each. Why: a 16 px patch embedding
+    hands the neck one token per 2 x 2 cells of the stride-8 map, so neighbouring cells start from the same numbers
+    and a 10 px vehicle is a fraction of one token. ViT-Adapter's spatial prior module and ViTDet's P2 level add the
+    same kind of convolutional detail; here it is added to the neck's output, trained from scratch in every row."""
+
+    def __init__(self, stride, out):
+        super().__init__()
+        layers, c = [], 3
+        for i in range(int(math.log2(stride))):
+            layers += [nn.Conv2d(c, 16 << i, 3, 2, 1), nn.GroupNorm(8, 16 << i), nn.GELU()]
+            c = 16 << i
+        layers += [nn.Conv2d(c, c, 3, 1, 1), nn.GroupNorm(8, c), nn.GELU(), nn.Conv2d(c, out, 1), nn.GroupNorm(8, out),
+                   nn.GELU()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
 class Detector(nn.Module):
     """ViT backbone -> `stride` map -> dense encoder stage -> top-K queries -> `dec_layers` decoder layers.
 
@@ -73,7 +95,7 @@ class Detector(nn.Module):
     """
 
     def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
-                 obb=False, o2m=0, max_filter=False):
+                 obb=False, o2m=0, max_filter=False, spatial_prior=False):
         super().__init__()
         self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
         self.o2m, self.max_filter = o2m, max_filter
@@ -86,6 +108,7 @@ class Detector(nn.Module):
         self.stride = p
         self.neck = nn.Sequential(*layers, nn.Conv2d(c, head_dim, 1), nn.GroupNorm(8, head_dim), nn.GELU(),
                                   nn.Conv2d(head_dim, head_dim, 3, padding=1), nn.GroupNorm(8, head_dim), nn.GELU())
+        self.prior = SpatialPrior(self.stride, head_dim) if spatial_prior else None
         # max_filter: the class scores also see how far each cell's features are below their 3 x 3 neighbourhood's
         # maximum, so that of two neighbours seeing the same object only one need fire (DeFCN's max filtering,
         # one scale): a one-to-one head without NMS otherwise has to tell near-identical cells apart
@@ -133,6 +156,8 @@ class Detector(nn.Module):
         p = self.backbone.patch_size
         f = self.backbone(x).transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, H/p, W/p)
         f = self.neck(f)  # (B, Dh, h, w), h = H / stride
+        if self.prior is not None:
+            f = f + self.prior(x)  # (B, Dh, h, w): each cell's own local detail
         h, w = f.shape[-2:]
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing='ij')
         centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * self.stride  # (M, 2), M = h * w

@@ -110,6 +110,9 @@ def get_parser():
     ap.add_argument('--max-filter', action='store_true', help='the class scores also read each cell\'s features '
                     'minus their 3 x 3 maximum, so one of two neighbouring cells can stay silent (DeFCN\'s max '
                     'filtering, for the dense one-to-one head without NMS)')
+    ap.add_argument('--spatial-prior', action='store_true', help='add a small CNN\'s map of the pixels (3x3 stride-2 '
+                    'convolutions down to --stride) to the neck\'s output: local detail for objects smaller than a '
+                    'patch (detector.SpatialPrior)')
     ap.add_argument('--num-queries', type=int, default=0, help='K, the cells that become queries; 0 = max(1000, '
                     '1.2 x the most objects in a training image) (default: %(default)s)')
     ap.add_argument('--eval-every', type=int, default=5, help='evaluate on val every N epochs and at the end '
@@ -163,7 +166,7 @@ def build(args):
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
                     args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m,
-                    max_filter=args.max_filter)
+                    max_filter=args.max_filter, spatial_prior=args.spatial_prior)
 
 
 def layer_decay_parts(model, decay):
