@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from data import CLASSES, make_loader, to_input
 from prepare import resolve_data
-from metrics import SIZE_BINS, evaluate_coco, evaluate_dota
+from metrics import ERROR_KINDS, SIZE_BINS, error_breakdown, evaluate_coco, evaluate_dota
 from obb import obb_to_poly
 from submission import merge_tiles, read_labels, read_submission, submission_task, write_submission
 from detector import Detector, postprocess
@@ -69,19 +69,29 @@ def format_size_table(res, class_names):
     return '\n'.join(rows)
 
 
+def format_error_table(err, class_names):
+    """metrics.error_breakdown as a table: each class's top #GT detections by kind, and the share of GT found."""
+    rows = [f'{"Class":<20}{"#GT":>8}' + ''.join(f'{k:>7}' for k in ERROR_KINDS) + f'{"found":>8}']
+    for c in np.flatnonzero(err['n_gt'] > 0):
+        rows.append(f'{class_names[c]:<20}{err["n_gt"][c]:>8d}' + ''.join(f'{err[k][c]:>7d}' for k in ERROR_KINDS) +
+                    f'{err["found"][c]:>8.3f}')
+    return '\n'.join(rows)
+
+
 def summary(res, class_names, protocol='coco'):
-    """JSON-ready numbers of either protocol."""
+    """JSON-ready numbers of either protocol (and of the error table, when it was made)."""
+    has = res['n_gt'] > 0
     if protocol == 'dota':
-        return {'protocol': 'dota', 'map50_voc07': float(res['ap'].mean()), 'classes': {
+        out = {'protocol': 'dota', 'map50_voc07': float(res['ap'].mean()), 'classes': {
             name: {'n_gt': int(res['n_gt'][c]), 'n_pred': int(res['n_pred'][c]), 'recall': float(res['recall'][c]),
                    'ap50_voc07': float(res['ap'][c])} for c, name in enumerate(class_names)}}
-    has = res['n_gt'] > 0
-    out = {'protocol': 'coco', 'map50': float(res['ap'][has, 0].mean()) if has.any() else 0.0,
-           'map': float(res['ap'][has].mean()) if has.any() else 0.0, 'conf': res['conf'], 'classes': {}}
-    for c in np.flatnonzero(has):
-        out['classes'][class_names[c]] = {
-            'n_gt': int(res['n_gt'][c]), 'n_pred': int(res['n_pred'][c]), 'precision': float(res['precision'][c]),
-            'recall': float(res['recall'][c]), 'map50': float(res['ap'][c, 0]), 'map': float(res['ap'][c].mean())}
+    else:
+        out = {'protocol': 'coco', 'map50': float(res['ap'][has, 0].mean()) if has.any() else 0.0,
+               'map': float(res['ap'][has].mean()) if has.any() else 0.0, 'conf': res['conf'], 'classes': {}}
+        for c in np.flatnonzero(has):
+            out['classes'][class_names[c]] = {
+                'n_gt': int(res['n_gt'][c]), 'n_pred': int(res['n_pred'][c]), 'precision': float(res['precision'][c]),
+                'recall': float(res['recall'][c]), 'map50': float(res['ap'][c, 0]), 'map': float(res['ap'][c].mean())}
     if 'ap_size' in res:
         out['sizes'] = {}
         for name, ap in res['ap_size'].items():
@@ -90,6 +100,10 @@ def summary(res, class_names, protocol='coco'):
                                   'map': float(ap[ok].mean()) if ok.any() else None,
                                   'classes': {class_names[c]: {'map50': float(ap[c, 0]), 'map': float(ap[c].mean())}
                                               for c in np.flatnonzero(ok)}}
+    if 'errors' in res:
+        e = res['errors']
+        out['errors'] = {class_names[c]: {**{k: int(e[k][c]) for k in ('n_gt',) + ERROR_KINDS},
+                                          'found': float(e['found'][c])} for c in np.flatnonzero(e['n_gt'] > 0)}
     return out
 
 
@@ -187,15 +201,22 @@ def plot_results(csv_path, path):
 
 
 # ------------------------------------------------------------------------------------------------- model mode
-def score(preds, gts, class_names, protocol='coco', difficult='ignore', max_dets=None, sizes=False):
-    """Evaluate with either protocol -> (result dict, printable text)."""
+def score(preds, gts, class_names, protocol='coco', difficult='ignore', max_dets=None, sizes=False, errors=False):
+    """Evaluate with either protocol -> (result dict, printable text); errors: the error table too (res['errors'])."""
     if protocol == 'dota':
         res = evaluate_dota(preds, gts, len(class_names))
-        return res, format_dota_table(res, class_names)
-    res = evaluate_coco(preds, gts, len(class_names), difficult, max_dets, by_size=sizes)
-    text = format_table(res, class_names)
-    return res, text + ('\n\nAP by object size (sqrt of box area, px)\n' + format_size_table(res, class_names)
-                        if sizes else '')
+        text = format_dota_table(res, class_names)
+    else:
+        res = evaluate_coco(preds, gts, len(class_names), difficult, max_dets, by_size=sizes)
+        text = format_table(res, class_names)
+        text += ('\n\nAP by object size (sqrt of box area, px)\n' + format_size_table(res, class_names)
+                 if sizes else '')
+    if errors:
+        res['errors'] = error_breakdown(preds, gts, len(class_names), difficult)
+        text += ('\n\nEach class\'s top #GT detections: tp, dup (its GT already taken), loc (IoU 0.1-0.5), cls '
+                 '(another class\'s object), bg; found: GT reached at IoU >= 0.5 at any score\n' +
+                 format_error_table(res['errors'], class_names))
+    return res, text
 
 
 def as_polygons(d):
@@ -226,7 +247,7 @@ def predict(model, loader, device, conf=0.001, max_det=1000, hbb=False):
 
 
 def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_dir=None, n_pictures=3,
-             difficult='ignore', protocol='coco', sizes=False, hbb=False):
+             difficult='ignore', protocol='coco', sizes=False, hbb=False, errors=False):
     """Inference, evaluation on the loader's images, and (if out_dir) the val_batch{k}_labels/_pred.jpg pictures.
     -> (result dict, table)."""
     preds, gts = [], []
@@ -236,7 +257,7 @@ def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_d
         if out_dir is not None and k < n_pictures:
             draw_grid(images, targets, class_names, Path(out_dir) / f'val_batch{k}_labels.jpg')
             draw_grid(images, dets, class_names, Path(out_dir) / f'val_batch{k}_pred.jpg')
-    res, text = score(preds, gts, class_names, protocol, difficult, sizes=sizes)
+    res, text = score(preds, gts, class_names, protocol, difficult, sizes=sizes, errors=errors)
     if out_dir is not None:
         plot_pr(res, class_names, Path(out_dir) / 'PR_curve.png')
     return res, text
@@ -266,6 +287,9 @@ def get_parser():
     ap.add_argument('--protocol', choices=['coco', 'dota'], default=None, help='coco-style table or the official '
                     'DOTA task-2 number (default: dota with --merge, coco otherwise)')
     ap.add_argument('--sizes', action='store_true', help='also print AP by object size (coco protocol)')
+    ap.add_argument('--errors', action='store_true', help='also print where each class\'s AP goes: its top #GT '
+                    'detections as true positives, duplicates, poorly placed, wrong class, background (TIDE\'s types; '
+                    'metrics.error_breakdown)')
     ap.add_argument('--task', type=int, choices=[1, 2], default=None, help='model mode: 1 = oriented boxes (a '
                     '--boxes obb model), 2 = axis-aligned boxes; task 2 of an oriented model scores the axis-aligned '
                     "boxes of its oriented ones (default: the model's own)")
@@ -312,7 +336,7 @@ def main(argv=None):
         gts = read_labels(args.labels, class_names, task)
         dets = read_submission(args.dets, class_names, list(gts), task)
         res, text = score([dets[i] for i in gts], list(gts.values()), class_names, args.protocol, args.difficult,
-                          args.max_dets, args.sizes)
+                          args.max_dets, args.sizes, args.errors)
     elif args.ckpt:
         device = torch.device(args.device)
         model, ckpt = load_detector(args.ckpt, device)
@@ -347,11 +371,12 @@ def main(argv=None):
             write_submission(out / 'submission', merged, class_names)
             empty = {'boxes': np.zeros((0, 4)), 'scores': np.zeros(0), 'labels': np.zeros(0, np.int64)}
             res, text = score([merged.get(i, empty) for i in gts], list(gts.values()), class_names, args.protocol,
-                              args.difficult, args.max_dets, args.sizes)
+                              args.difficult, args.max_dets, args.sizes, args.errors)
             text += f'\nsubmission files: {out / "submission"}/Task{task}_<class>.txt'
         else:
             res, text = run_eval(model, loader, class_names, device, args.conf, args.max_det, out,
-                                 difficult=args.difficult, protocol=args.protocol, sizes=args.sizes, hbb=hbb)
+                                 difficult=args.difficult, protocol=args.protocol, sizes=args.sizes, hbb=hbb,
+                                 errors=args.errors)
             text += f'\npictures: {out}/val_batch{{0,1,2}}_{{labels,pred}}.jpg' + (
                 f', {out}/PR_curve.png' if _pyplot() else ' (PR_curve.png: pip install matplotlib)')
     else:

@@ -244,3 +244,50 @@ def evaluate_dota(preds, gts, num_classes):
         ap[c] = voc07_ap(recall, precision) if n_gt[c] else 0.0
         n_pred[c], rec_end[c] = len(k), (recall[-1] if len(k) else 0.0)
     return {'ap': ap, 'n_gt': n_gt, 'n_pred': n_pred, 'recall': rec_end}
+
+
+# ------------------------------------------------------------------------------------------------- errors
+ERROR_KINDS = ('tp', 'dup', 'loc', 'cls', 'bg')
+
+
+def error_breakdown(preds, gts, num_classes, difficult='ignore', thr=0.5, bg_thr=0.1):
+    """Where a class's AP goes (TIDE's error types, Bolya et al. 2020, counted instead of weighed by their dAP).
+    Per class, its top n_gt detections over all images (as many as it has GT: what a perfect ranking needs), each
+    counted as the first that applies:
+      tp   matched by the coco rule at IoU >= thr (the table's AP50 matching)
+      dup  IoU >= thr with a GT of its class that a higher-scored detection already took
+      loc  best IoU with a GT of its class in [bg_thr, thr): found but poorly placed
+      cls  IoU >= thr with a GT of another class
+      bg   the rest: background.
+    Detections matched to an ignored (difficult) GT are left out, as in the AP. Also found: the share of GT that
+    some detection of their class reaches at IoU >= thr, at any score (the recall a perfect ranking would give).
+    -> dict: n_gt (C,) and one (C,) count per ERROR_KINDS entry, found (C,) (nan where no GT)."""
+    recs = [[] for _ in range(num_classes)]  # per class: (scores (D,), kind index (D,)) per image
+    n_gt, n_found = np.zeros(num_classes, int), np.zeros(num_classes, int)
+    for p, g in zip(preds, gts):
+        pb, ps, pl = as_boxes(p['boxes']), np.asarray(p['scores'], np.float64), np.asarray(p['labels'])
+        gb, gl = as_boxes(g['boxes']), np.asarray(g['labels'])
+        gd = np.asarray(g['difficult'], bool) & (difficult == 'ignore')
+        n_gt += np.bincount(gl[~gd].astype(int), minlength=num_classes)
+        if not len(pb):
+            continue
+        iou = iou_matrix(pb, gb) if len(gb) else np.zeros((len(pb), 0))  # (D, G)
+        for c in np.unique(pl).astype(int):
+            d = np.flatnonzero(pl == c)
+            d = d[np.argsort(-ps[d], kind='stable')]
+            gc = gl == c
+            tp, ig = (x[0] for x in match_image(pb[d], gb[gc], gd[gc], np.array([thr])))  # (Dc,) each
+            same = iou[d][:, gc].max(1, initial=0.0)  # (Dc,) best IoU with a GT of class c
+            other = iou[d][:, ~gc].max(1, initial=0.0)  # (Dc,) and with one of another class
+            kind = np.select([tp, same >= thr, same >= bg_thr, other >= thr], [0, 1, 2, 3], 4)
+            recs[c].append((ps[d][~ig], kind[~ig]))
+            n_found[c] += int((iou[d][:, gc & ~gd] >= thr).any(0).sum())
+    out = {'n_gt': n_gt, **{k: np.zeros(num_classes, int) for k in ERROR_KINDS}}
+    for c in range(num_classes):
+        if recs[c]:
+            s, k = (np.concatenate([r[i] for r in recs[c]]) for i in (0, 1))
+            counts = np.bincount(k[np.argsort(-s, kind='stable')][:n_gt[c]], minlength=len(ERROR_KINDS))
+            for i, name in enumerate(ERROR_KINDS):
+                out[name][c] = counts[i]
+    out['found'] = np.where(n_gt > 0, n_found / np.maximum(n_gt, 1), np.nan)
+    return out

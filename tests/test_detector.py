@@ -170,3 +170,16 @@ def test_max_filter_lets_the_class_scores_see_the_local_maximum():
     t = {'boxes': torch.tensor([[4.0, 4, 20, 20]]), 'labels': torch.tensor([1])}
     detector_loss(out, [t, t], MinCostMatcher())[0].backward()
     assert det.cls.weight.grad[:, 32:].abs().sum() > 0  # the max-filtered half takes part
+
+
+@pytest.mark.parametrize('patch,stride', [(8, 8), (16, 8), (8, 4)])
+def test_spatial_prior_adds_a_map_of_the_pixels_at_the_stride(patch, stride):
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', patch), 3, 32, stride=stride, dec_layers=0, spatial_prior=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert det.prior(x).shape == (2, 32, 64 // stride, 64 // stride)
+    out = det(x)
+    assert out['logits'].shape == (2, (64 // stride) ** 2, 3)
+    t = {'boxes': torch.tensor([[4.0, 4, 12, 12]]), 'labels': torch.tensor([1])}
+    detector_loss(out, [t, t], MinCostMatcher())[0].backward()
+    assert det.prior.layers[0].weight.grad.abs().sum() > 0  # trained with the rest

@@ -122,7 +122,7 @@ def test_real_sample_tiles_merge_back_and_offline_cli(dota_sample, tmp_path):
     assert res['ap'][V1.index('ship')] > 0.95 and res['ap'][V1.index('small-vehicle')] > 0.95, res['ap']
     for protocol in ('dota', 'coco'):
         p = subprocess.run([sys.executable, ROOT / 'evaluate.py', '--dets', tmp_path / 'sub', '--labels',
-                            dota_sample / 'labelTxt', '--protocol', protocol, '--sizes', '--json',
+                            dota_sample / 'labelTxt', '--protocol', protocol, '--sizes', '--errors', '--json',
                             tmp_path / f'{protocol}.json'], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         out = json.loads((tmp_path / f'{protocol}.json').read_text())
@@ -133,6 +133,8 @@ def test_real_sample_tiles_merge_back_and_offline_cli(dota_sample, tmp_path):
             assert out['classes']['ship']['n_gt'] == sum(int(((g['labels'] == 6) & ~g['difficult']).sum())
                                                          for g in gt.values())
             assert 'AP by object size' in p.stdout and 'sizes' in out
+        ship = out['errors']['ship']  # perfect detections: the top #GT are the objects themselves
+        assert ship['tp'] >= 0.95 * ship['n_gt'] and ship['found'] > 0.95 and 'dup' in p.stdout
     assert parse_label_file(dota_sample / 'labelTxt' / 'P0706.txt', V1)[1].tolist().count(6) == 531
 
 

@@ -154,3 +154,22 @@ def test_loop_free_matching_equals_the_sequential_rule():
         np.testing.assert_array_equal(got[1], want[1])
         fast += int(((box_iou(det, gt) >= 0.5).sum(1) <= 1).all())
     assert 50 < fast < 200  # both paths were exercised
+
+
+def test_error_breakdown_counts_each_kind_once_in_the_top_n_gt():
+    from metrics import error_breakdown
+    gt = [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10], [80, 0, 90, 10],  # class 0: A..E
+          [0, 40, 10, 50],  # class 1: F
+          [40, 40, 50, 50]]  # class 0, difficult: G
+    det = [[40, 40, 50, 50],  # on the difficult G: left out, as in the AP
+           [0, 0, 10, 10],  # A: tp
+           [0, 0, 10, 10],  # A again: dup
+           [25, 0, 35, 10],  # B shifted by half a box, IoU 1/3: loc
+           [0, 40, 10, 50],  # F, another class's object: cls
+           [0, 80, 10, 90],  # nothing there: bg
+           [40, 0, 50, 10]]  # C: a tp, but 6th of the 5 that count (n_gt = 5)
+    err = error_breakdown([dets(det, [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.1])],
+                          [gts(gt, [0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 1])], 2)
+    assert err['n_gt'].tolist() == [5, 1]
+    assert [int(err[k][0]) for k in ('tp', 'dup', 'loc', 'cls', 'bg')] == [1, 1, 1, 1, 1]
+    assert err['found'][0] == pytest.approx(2 / 5) and err['found'][1] == 0  # A and C reached; F by no class-1 det
