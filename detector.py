@@ -95,11 +95,13 @@ class Detector(nn.Module):
     """
 
     def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
-                 obb=False, o2m=0, max_filter=False, spatial_prior=False):
+                 obb=False, o2m=0, max_filter=False, spatial_prior=False, adapt=False):
         super().__init__()
         self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
         self.o2m, self.max_filter = o2m, max_filter
         p, c, layers = backbone.patch_size, backbone.dim, []
+        # adapt: a linear map of the tokens before the neck (finetune.py --whiten sets it to their whitening)
+        self.adapt = nn.Linear(c, c) if adapt else None
         if stride > p or p % stride or (p // stride) & (p // stride - 1):
             raise ValueError(f'stride {stride} must be the patch size {p} divided by a power of 2')
         while p > stride:  # ViTDet's simple pyramid, one level: transposed conv, norm, GELU per factor 2
@@ -154,7 +156,8 @@ class Detector(nn.Module):
         with o2m = k > 0 also 'o2m': the one-to-many head's dense output (all M cells) and its 'topk' k."""
         B, _, H, W = x.shape
         p = self.backbone.patch_size
-        f = self.backbone(x).transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, H/p, W/p)
+        f = self.backbone(x)  # (B, N, D)
+        f = (f if self.adapt is None else self.adapt(f)).transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, h, w)
         f = self.neck(f)  # (B, Dh, h, w), h = H / stride
         if self.prior is not None:
             f = f + self.prior(x)  # (B, Dh, h, w): each cell's own local detail

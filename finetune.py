@@ -80,6 +80,9 @@ def get_parser():
                     help='re-initialize the last K blocks (and the final norm) of a pretrained backbone, keeping the '
                          'patch embedding and the blocks below: on NWPU VHR-10 a short CPU pretraining transferred '
                          'through its lower layers only (RESULTS.md) (default: %(default)s)')
+    ap.add_argument('--whiten', type=int, default=0, help='N > 0: a linear layer between the backbone and the neck, '
+                    'set to the whitening of the backbone\'s tokens on N training crops and trained with the head '
+                    '(pretrained tokens hold most of their variance in one direction: RESULTS.md) (default: off)')
     ap.add_argument('--freeze-epochs', type=int, default=0,
                     help='train the head alone (backbone lr 0) for the first N epochs, then everything: linear probing '
                          'then fine-tuning (LP-FT, Kumar et al. 2022), so that a random head\'s first gradients do not '
@@ -166,7 +169,7 @@ def build(args):
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
                     args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m,
-                    max_filter=args.max_filter, spatial_prior=args.spatial_prior)
+                    max_filter=args.max_filter, spatial_prior=args.spatial_prior, adapt=args.whiten > 0)
 
 
 def layer_decay_parts(model, decay):
@@ -192,6 +195,29 @@ def shared_centre_share(ds, stride):
         shared += int((counts[inverse.ravel()] > 1).sum())
         total += len(c)
     return shared / max(total, 1)
+
+
+@torch.no_grad()
+def whiten_init(model, ds, n, args, device):
+    """--whiten n: model.adapt := the ZCA whitening of the backbone's tokens on n training crops, W = V diag((lambda +
+    eps)^-1/2) V^T and bias -W mu (eigen-decomposition V, lambda of their covariance; eps = 1 % of the mean
+    eigenvalue, so that directions with almost no variance are not blown up). ZCA, not PCA: the least rotation,
+    each output channel stays its input channel. -> the share of the variance in the first principal component."""
+    model.eval()
+    feats, seen = [], 0
+    for images, targets in epoch_loader(ds, args.batch_size, args.patch_size, 0, args.seed, 0):
+        feats.append(model.backbone(to_input(images, targets, device)).flatten(0, 1).double().cpu())  # (B * N, D)
+        seen += len(images)
+        if seen >= n:
+            break
+    x = torch.cat(feats)
+    lam, V = torch.linalg.eigh(torch.cov(x.T))  # ascending
+    lam = lam.clamp(min=0)
+    W = V @ torch.diag((lam + 0.01 * lam.mean()).rsqrt()) @ V.T  # (D, D)
+    model.adapt.weight.copy_(W.float())
+    model.adapt.bias.copy_(-(W @ x.mean(0)).float())
+    model.train()
+    return float(lam[-1] / lam.sum())
 
 
 def write_results(path, row):
@@ -226,6 +252,10 @@ def main(argv=None):
     # K: no weights depend on it, so it can follow the data
     args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))
 
+    if args.whiten:  # before the optimizer and any resume (a resumed run loads the trained layer over this)
+        pc1 = whiten_init(model, ds, args.whiten, args, device)
+        if main0:
+            print(f'--whiten: {args.whiten} training crops; their tokens\' first principal component: {pc1:.0%}')
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)  # param_groups skips frozen parameters
     opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay), args.weight_decay), lr=args.lr)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data import CLASSES, DOTADataset, Loader
+from data import CLASSES, DOTADataset, Loader, epoch_loader, to_input
 from detector import Detector
 from matcher import MinCostMatcher, assign_min_cost
 from finetune import layer_decay_parts, shared_centre_share
@@ -157,9 +157,10 @@ def test_results_csv_every_epoch_and_the_curves_only_with_matplotlib(tmp_path, m
              '--workers', '0', '--device', 'cpu', '--dec-layers', '0']
     import evaluate
     monkeypatch.setattr(evaluate, '_pyplot', lambda: None)  # what it returns when matplotlib is not installed
-    main(flags + ['--o2m', '3', '--scale', '0.3', '--max-filter', '--spatial-prior', '--out', str(tmp_path / 'no_mpl')])
+    main(flags + ['--o2m', '3', '--scale', '0.3', '--max-filter', '--spatial-prior', '--whiten', '4',
+                  '--out', str(tmp_path / 'no_mpl')])
     model, _ = evaluate.load_detector(tmp_path / 'no_mpl' / 'best.pt', torch.device('cpu'))  # the options rebuilt
-    assert model.prior is not None and model.max_filter and not hasattr(model, 'cls_o2m')
+    assert model.prior is not None and model.adapt is not None and model.max_filter and not hasattr(model, 'cls_o2m')
     lines = (tmp_path / 'no_mpl' / 'results.csv').read_text().splitlines()
     head, rows = lines[0].split(','), [line.split(',') for line in lines[1:]]
     assert head[:4] == ['epoch', 'seconds', 'lr', 'loss'] and head[-2:] == ['mAP50', 'mAP50-95'] and 'o2m' in head
@@ -218,3 +219,23 @@ def test_freeze_epochs_hold_the_backbone_then_release_it(tmp_path):
         moved = {k for k in w if not torch.equal(w[k], init[k])}
         assert any(k.startswith('cls.') for k in moved)  # the head always trains
         assert any(k.startswith('backbone.') for k in moved) == (epochs == '2')  # the backbone from epoch 2 on
+
+
+def test_whiten_makes_the_tokens_uncorrelated_with_unit_variance(tmp_path):
+    from argparse import Namespace
+    from finetune import whiten_init
+    make_synthetic(tmp_path, n_train=8, n_val=0, size=32, seed=0)
+    ds = DOTADataset(tmp_path, 'train', CLASSES['dota1.0'], img_size=32, train=True)
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 8), 3, 32, dec_layers=0, adapt=True)
+    with torch.no_grad():  # a backbone whose tokens share one dominant direction, like the pretrained ones
+        det.backbone.norm.weight.mul_(torch.linspace(0.1, 10, 32))
+    pc1 = whiten_init(det, ds, 8, Namespace(batch_size=4, patch_size=8, seed=0), torch.device('cpu'))
+    x = torch.cat([det.backbone(to_input(im, t, 'cpu')).flatten(0, 1)  # the same crops: (128 tokens, 32)
+                   for im, t in epoch_loader(ds, 4, 8, 0, 0, 0)]).detach()
+    with torch.no_grad():
+        y = det.adapt(x)
+    lam = torch.linalg.eigvalsh(torch.cov(y.T))
+    assert pc1 > 0.3  # the dominant direction was there
+    assert lam.max() < 1.001 and (lam > 0.9).sum() >= 16  # unit variance in every direction that had some
+    assert y.mean(0).abs().max() < 1e-4
