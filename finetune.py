@@ -113,9 +113,10 @@ def get_parser():
     ap.add_argument('--max-filter', action='store_true', help='the class scores also read each cell\'s features '
                     'minus their 3 x 3 maximum, so one of two neighbouring cells can stay silent (DeFCN\'s max '
                     'filtering, for the dense one-to-one head without NMS)')
-    ap.add_argument('--spatial-prior', action='store_true', help='add a small CNN\'s map of the pixels (3x3 stride-2 '
-                    'convolutions down to --stride) to the neck\'s output: local detail for objects smaller than a '
-                    'patch (detector.SpatialPrior)')
+    ap.add_argument('--spatial-prior', action=argparse.BooleanOptionalAction, default=True,
+                    help='add a small CNN\'s map of the pixels (3x3 stride-2 convolutions down to --stride) to the '
+                    'neck\'s output: local detail for objects smaller than a patch (detector.SpatialPrior; NWPU val, '
+                    '20 epochs: mAP50 0.277 vs 0.233 without, at 1.2x the time per epoch) (default: on)')
     ap.add_argument('--num-queries', type=int, default=0, help='K, the cells that become queries; 0 = max(1000, '
                     '1.2 x the most objects in a training image) (default: %(default)s)')
     ap.add_argument('--eval-every', type=int, default=5, help='evaluate on val every N epochs and at the end '

@@ -169,7 +169,7 @@ def test_results_csv_every_epoch_and_the_curves_only_with_matplotlib(tmp_path, m
     assert not (tmp_path / 'no_mpl' / 'results.png').exists() and not (tmp_path / 'no_mpl' / 'PR_curve.png').exists()
     monkeypatch.undo()
     pytest.importorskip('matplotlib', reason='matplotlib draws results.png (optional)')
-    main(flags + ['--out', str(tmp_path / 'mpl')])
+    main(flags + ['--no-spatial-prior', '--out', str(tmp_path / 'mpl')])
     assert (tmp_path / 'mpl' / 'results.png').stat().st_size > 0 and (tmp_path / 'mpl' / 'PR_curve.png').exists()
 
 
