@@ -27,9 +27,11 @@ small-object AP of val patches; random weights for scratch; the whole pretrained
 A second table probes every encoder: random weights, each pretraining's context and EMA target encoder, and the
 backbone of the fine-tuned scratch detector (what supervised training puts there, for reference).
 
-The transfer (--transfer-args, the unfrozen pretrained rows only) keeps the pretrained patch embedding and
-re-initializes all 4 blocks of `mini`: at this pretraining budget the blocks slowed fine-tuning down and the
-embedding alone sped it up (RESULTS.md).
+The transfer: the whole pretrained encoder (--transfer-args adds finetune.py flags to the unfrozen pretrained rows).
+Before the detector had its convolutional spatial prior (finetune.py's default since 2026-12-01) the pretrained
+blocks slowed fine-tuning down and the benchmark kept only the patch embedding ('--reinit-blocks 4'); with the prior
+the whole encoder starts fastest (RESULTS.md).
+Caching is by command line: after a change to the scripts' defaults, use a fresh OUT or delete OUT/<row>/done.json.
 
 Each step is a plain command, printed before it runs (its output to OUT/<row>/*.log): any row reruns by hand.
 OUT/<row>/finetune/best.pt is a normal finetune.py checkpoint (best val mAP50) for evaluate.py --ckpt.
@@ -100,8 +102,9 @@ def main():
     a('--pretrain-batch-size', type=int, default=32, help='pretraining batch (default: %(default)s)')
     a('--pretrain-args', default='--lr 1e-3 --warmup-epochs 3 --target-layers 2 --target-norm instance',
       help='further pretrain.py flags of every pretrained row, one string (default: %(default)s)')
-    a('--transfer-args', default='--reinit-blocks 4', help='finetune.py flags of the unfrozen rows that start from '
-                                                            'a pretrained encoder, one string (default: %(default)s)')
+    a('--transfer-args', default='', help="finetune.py flags of the unfrozen rows that start from a pretrained "
+                                          "encoder, one string (e.g. '--reinit-blocks 4': keep only the patch "
+                                          "embedding; default: none, the whole encoder)")
     a('--finetune-args', default='', help='extra finetune.py flags for every row, one string')
     a('--no-probe', action='store_true', help='skip the linear probes (about a minute each)')
     a('--seed', type=int, default=0, help='seed of every run (default: %(default)s)')
