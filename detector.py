@@ -1,6 +1,7 @@
 """The DETR-style detector on a ViT backbone and its post-processing (training: matcher.py).
 
     ViT tokens (stride = patch size) -> neck (ViTDet-style upsampling) -> a map at `stride` (8 by default)
+       [+ spatial_prior: a small CNN's map of the pixels at the same stride, for detail finer than a patch]
     -> encoder stage: at every cell, class scores and a box (dense; trained one-to-one on its own)
     -> the top-K cells by score become queries (RT-DETR / DINO two-stage query selection)
     -> `dec_layers` decoder layers (self-attention among queries, cross-attention to the map, FFN), each refining
