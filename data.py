@@ -272,7 +272,8 @@ class DOTADataset(torch.utils.data.Dataset):
 
 # The CPU side only decodes and crops (a view; with --scale it also resizes). Flips and 90-degree turns are drawn
 # here but applied to the pixels on the device (orient): a transposing copy of a 1024^2 RGB tile costs ~2 ms on a
-# CPU, half its JPEG decode; on the device it is free. The boxes are transformed here, so a target always describes the image as the model sees it.
+# CPU, half its JPEG decode; on the device it is free. The boxes are transformed here, so a target always describes
+# the image as the model sees it.
 def random_resize(img, boxes, scale, generator=None):
     """img (H, W, 3) uint8 and its boxes (N, 4) xyxy or (N, 5) oriented, resized by a factor drawn uniformly
     from [1 - scale, 1 + scale] (bilinear, antialiased when shrinking); an angle does not change."""

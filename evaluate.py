@@ -80,12 +80,12 @@ def format_error_table(err, class_names):
 
 def summary(res, class_names, protocol='coco'):
     """JSON-ready numbers of either protocol (and of the error table, when it was made)."""
-    has = res['n_gt'] > 0
     if protocol == 'dota':
         out = {'protocol': 'dota', 'map50_voc07': float(res['ap'].mean()), 'classes': {
             name: {'n_gt': int(res['n_gt'][c]), 'n_pred': int(res['n_pred'][c]), 'recall': float(res['recall'][c]),
                    'ap50_voc07': float(res['ap'][c])} for c, name in enumerate(class_names)}}
     else:
+        has = res['n_gt'] > 0
         out = {'protocol': 'coco', 'map50': float(res['ap'][has, 0].mean()) if has.any() else 0.0,
                'map': float(res['ap'][has].mean()) if has.any() else 0.0, 'conf': res['conf'], 'classes': {}}
         for c in np.flatnonzero(has):

@@ -7,8 +7,9 @@ The detector (detector.Detector) predicts a box and class scores at every cell o
 one-to-one head: the default); with --dec-layers N it also turns the top-K cells into queries and refines them with
 a small transformer decoder. Training matches each ground-truth box to exactly one prediction per stage
 (matcher.MinCostMatcher) and there is no NMS at inference. The defaults (dense head, the convolutional spatial prior,
-lr 5e-4, no stochastic depth, varifocal loss) are the recipe measured best on NWPU VHR-10 val (RESULTS.md). OUT/results.csv gets one line per
-epoch (losses, lr, val mAP50 and mAP50-95, seconds) and, with matplotlib installed, results.png draws it;
+lr 5e-4, no stochastic depth, varifocal loss) are the recipe measured best on NWPU VHR-10 val (RESULTS.md).
+OUT/results.csv gets one line per epoch (losses, lr, val mAP50 and mAP50-95, seconds) and, with matplotlib
+installed, results.png draws it;
 --time MINUTES fits the run to a wall-clock budget. The model is
 evaluated on the val split every --eval-every epochs (evaluate.run_eval); with --ema the evaluated and saved
 weights are an EMA of the trained ones. OUT/best.pt keeps the best mAP50; OUT/last.pt, written atomically every

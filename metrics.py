@@ -64,9 +64,10 @@ def sqrt_area(boxes):
 
 
 # ------------------------------------------------------------------------------------------------- coco
-def match_image(det_boxes, gt_boxes, gt_ignore, iou_thrs=IOU_THRS):
+def match_image(det_boxes, gt_boxes, gt_ignore, iou_thrs=IOU_THRS, iou=None):
     """Greedy matching of one image and class at all thresholds at once; det_boxes sorted by descending score.
-    -> tp (T, D) bool, ignored (T, D) bool (matched to an ignored GT).
+    iou: their (D, G) IoU when the caller has it already. -> tp (T, D) bool, ignored (T, D) bool (matched to an
+    ignored GT).
 
     When no detection has two GT to choose from (IoU >= the lowest threshold with at most one GT: always so when
     the GT do not overlap), the greedy rule reduces to "the first detection that reaches a GT gets it", which is
@@ -75,7 +76,7 @@ def match_image(det_boxes, gt_boxes, gt_ignore, iou_thrs=IOU_THRS):
     tp, ignored = np.zeros((T, D), bool), np.zeros((T, D), bool)
     if D == 0 or G == 0:
         return tp, ignored
-    iou = iou_matrix(det_boxes, gt_boxes)  # (D, G)
+    iou = iou_matrix(det_boxes, gt_boxes) if iou is None else iou  # (D, G)
     thr = np.minimum(iou_thrs, 1 - 1e-10)[:, None]  # (T, 1), as pycocotools
     if ((iou >= thr.min()).sum(1) > 1).any():
         return match_sequential(iou, gt_ignore, thr)
@@ -275,13 +276,13 @@ def error_breakdown(preds, gts, num_classes, difficult='ignore', thr=0.5, bg_thr
         for c in np.unique(pl).astype(int):
             d = np.flatnonzero(pl == c)
             d = d[np.argsort(-ps[d], kind='stable')]
-            gc = gl == c
-            tp, ig = (x[0] for x in match_image(pb[d], gb[gc], gd[gc], np.array([thr])))  # (Dc,) each
-            same = iou[d][:, gc].max(1, initial=0.0)  # (Dc,) best IoU with a GT of class c
-            other = iou[d][:, ~gc].max(1, initial=0.0)  # (Dc,) and with one of another class
+            gc, rows = gl == c, iou[d]  # rows (Dc, G)
+            tp, ig = (x[0] for x in match_image(pb[d], gb[gc], gd[gc], np.array([thr]), rows[:, gc]))  # (Dc,) each
+            same = rows[:, gc].max(1, initial=0.0)  # (Dc,) best IoU with a GT of class c
+            other = rows[:, ~gc].max(1, initial=0.0)  # (Dc,) and with one of another class
             kind = np.select([tp, same >= thr, same >= bg_thr, other >= thr], [0, 1, 2, 3], 4)
             recs[c].append((ps[d][~ig], kind[~ig]))
-            n_found[c] += int((iou[d][:, gc & ~gd] >= thr).any(0).sum())
+            n_found[c] += int((rows[:, gc & ~gd] >= thr).any(0).sum())
     out = {'n_gt': n_gt, **{k: np.zeros(num_classes, int) for k in ERROR_KINDS}}
     for c in range(num_classes):
         if recs[c]:
