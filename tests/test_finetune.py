@@ -90,19 +90,15 @@ def test_ddp_fine_tuning_runs_on_two_cpu_processes(tmp_path):
     assert '2 process(es)' in p.stdout and (tmp_path / 'ft' / 'best.pt').exists()
 
 
-def test_layer_decay_defaults_to_off_for_a_random_backbone_and_on_for_a_pretrained_one(tmp_path):
+def test_layer_decay_is_off_by_default_and_set_by_the_flag(tmp_path):
     from finetune import build, get_parser
-    args = get_parser().parse_args(['--ckpt', 'none', '--model', 'test', '--patch-size', '8'])
-    build(args)
-    assert args.layer_decay == 1.0
     torch.save({'args': {'model': 'test', 'patch_size': 8, 'data': 'synthetic', 'classes': 'dota1.0'},
                 'context': build_vit('test', 8).state_dict()}, tmp_path / 'pre.pt')
-    args = get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt')])
-    build(args)
-    assert args.layer_decay == 0.75
-    args = get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt'), '--layer-decay', '0.9'])
-    build(args)
-    assert args.layer_decay == 0.9
+    for extra, want in (([], 1.0), (['--layer-decay', '0.75'], 0.75)):
+        args = get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt'), *extra])
+        det = build(args)
+        scales = sorted({g['lr_scale'] for g in param_groups(layer_decay_parts(det, args.layer_decay), 0.05)})
+        assert args.layer_decay == want and (scales == [1.0]) == (want == 1.0)
 
 
 def test_the_saved_detector_is_the_ema_of_the_trained_weights(tmp_path):
