@@ -97,6 +97,11 @@ def get_parser():
     ap.add_argument('--matcher', choices=['greedy', 'hungarian'], default='greedy',
                     help="one-to-one assignment: our min-cost rule, or scipy's Hungarian for comparison (needs "
                          'scipy) (default: %(default)s)')
+    ap.add_argument('--match-centre', type=float, default=0.0,
+                    help="w > 0: the matcher's cost also counts w x the cell's distance to the object's centre (L1, "
+                         'in cells), so that of two neighbouring cells predicting the same box the nearer one is '
+                         'the positive: a rule the head can learn, where a choice by their nearly equal scores is '
+                         'not (the duplicates on NWPU VHR-10 are such neighbours; RESULTS.md) (default: off)')
     ap.add_argument('--warmup-epochs', type=float, default=2, help='linear warmup length (default: %(default)s)')
     ap.add_argument('--weight-decay', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
     ap.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth of the backbone '
@@ -263,7 +268,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay), args.weight_decay), lr=args.lr)
     in_backbone = {id(p) for p in model.backbone.parameters()}  # for --freeze-epochs (groups never mix the two)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-    matcher = MinCostMatcher(method=args.matcher)
+    matcher = MinCostMatcher(method=args.matcher, w_ctr=args.match_centre)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None  # what is evaluated and saved
     final = ema or model
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)

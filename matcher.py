@@ -90,9 +90,12 @@ class MinCostMatcher:
     """One-to-one assignment of the G ground-truth boxes of an image to its M >= G predictions.
 
     cost[m, g] = w_cls * (pos_m,c - neg_m,c) + w_l1 * |box_m - gt_g|_1 / stride - w_giou * GIoU(box_m, gt_g)
+                 + w_ctr * |centre of cell m - centre of gt g|_1 / stride
                  + 1e4 * [centre of cell m is outside the centre region of gt g]
     with c the class of gt g and pos/neg the focal costs of calling logit (m, c) positive/negative (Deformable
-    DETR's class cost). The centre region of a box (cx, cy, w, h) is |x - cx| <= max(w/2, 1.5 stride) and the same
+    DETR's class cost). w_ctr > 0 breaks the tie between neighbouring cells that predict the same box at nearly
+    the same score in favour of the cell nearest the object's centre: without it, which of the two is matched depends
+    on their scores alone, a choice the head cannot learn, and at test time both fire (RESULTS.md: the duplicates). The centre region of a box (cx, cy, w, h) is |x - cx| <= max(w/2, 1.5 stride) and the same
     in y: a spatial prior that makes the assignment stable early in training and gives 6 px objects a few cells.
     The rule (a min-cost greedy, not the Hungarian optimum): in rounds, every unmatched GT proposes its cheapest
     free prediction; a prediction proposed by several GT takes the one with the lowest cost (ties: lower GT index)
@@ -101,10 +104,11 @@ class MinCostMatcher:
     region from the box's axis-aligned extent.
     """
 
-    def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, method='greedy'):
+    def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, method='greedy', w_ctr=0.0):
         """method: 'greedy' (the rule above) or 'hungarian' (scipy's linear_sum_assignment on the same cost, for
         comparison; scipy is not a run-time requirement)."""
         self.w_cls, self.w_l1, self.w_giou, self.radius, self.method = w_cls, w_l1, w_giou, radius, method
+        self.w_ctr = w_ctr
         if method == 'hungarian':
             from scipy.optimize import linear_sum_assignment  # noqa: F401  fail now, not mid-training
 
@@ -131,9 +135,10 @@ class MinCostMatcher:
         cost -= self.w_giou * overlap(boxes[:, None], gt_boxes[None])[0]
         gc, half = half_extent(gt_boxes)  # (G, 2) each
         reach = half.clamp(min=self.radius * stride)  # (G, 2)
-        outside = ((centres[:, None, 0] - gc[:, 0]).abs() > reach[:, 0]) | \
-                  ((centres[:, None, 1] - gc[:, 1]).abs() > reach[:, 1])  # (M, G)
-        return cost + 1e4 * outside
+        dx, dy = (centres[:, None, 0] - gc[:, 0]).abs(), (centres[:, None, 1] - gc[:, 1]).abs()  # (M, G) each
+        if self.w_ctr:
+            cost += self.w_ctr / stride * (dx + dy)
+        return cost + 1e4 * ((dx > reach[:, 0]) | (dy > reach[:, 1]))
 
 
 def assign_min_cost(cost):

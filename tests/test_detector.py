@@ -83,6 +83,20 @@ def test_matcher_gives_neighbouring_cells_to_objects_sharing_a_cell():
     assert len(set(pi.tolist())) == 2 and sorted(gi.tolist()) == [0, 1]
 
 
+def test_centre_term_gives_the_object_to_the_nearest_of_two_equal_cells():
+    # two neighbouring cells (centres 4 and 12 px apart in x) predict the same box; the object's centre, x = 10, is
+    # in the second cell. By score alone the first (more confident) cell wins; with w_ctr > 0 the nearer one does.
+    centres = torch.tensor([[4.0, 4], [12.0, 4]])
+    boxes = torch.tensor([[6.0, 1, 14, 7], [6.0, 1, 14, 7]])
+    gt, labels = torch.tensor([[6.0, 1, 14, 7]]), torch.tensor([0])
+    logits = torch.tensor([[0.6], [0.5]])  # nearly the same score
+    assert MinCostMatcher()(logits, boxes, centres, gt, labels, 8)[0].tolist() == [0]
+    assert MinCostMatcher(w_ctr=1.0)(logits, boxes, centres, gt, labels, 8)[0].tolist() == [1]
+    cost = MinCostMatcher(w_ctr=1.0).cost(logits, boxes, centres, gt, labels, 8)
+    base = MinCostMatcher().cost(logits, boxes, centres, gt, labels, 8)
+    assert torch.allclose(cost - base, torch.tensor([[6 / 8], [2 / 8]]))  # |dx| + |dy| in cells
+
+
 @pytest.mark.parametrize('cls_loss,dec_layers', [('focal', 0), ('varifocal', 0), ('varifocal', 2)])
 def test_detector_overfits_one_synthetic_image(tmp_path, cls_loss, dec_layers):
     torch.manual_seed(0)
