@@ -174,7 +174,7 @@ def format_row(name, r):
 HEADER = f'{"encoder":<28}{"probe mAP":>10}{"obj AP":>10}{"small AP":>10}'
 
 
-def main(argv=None):
+def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--ckpt', required=True, help="pretrain.py or finetune.py checkpoint, or 'none' (random weights)")
     ap.add_argument('--encoder', choices=['context', 'target'], default='context',
@@ -191,7 +191,11 @@ def main(argv=None):
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0, help='seed of random weights (default: %(default)s)')
     ap.add_argument('--json', default=None, help='also write the numbers to this JSON file')
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     enc, classes = load_encoder(args.ckpt, args.encoder, args.model, args.patch_size, args.seed)
     class_names = CLASSES[args.classes or classes or 'dota1.0']
     r = Probe(args.data, class_names, enc.patch_size, args.batch_size, args.workers, args.device,

@@ -30,13 +30,16 @@ backbone of the fine-tuned scratch detector (what supervised training puts there
 The transfer: the whole pretrained encoder (--transfer-args adds finetune.py flags to the unfrozen pretrained rows).
 Before the detector had its convolutional spatial prior (finetune.py's default since 2026-12-01) the pretrained
 blocks slowed fine-tuning down and the benchmark kept only the patch embedding ('--reinit-blocks 4'); with the prior
-the whole encoder starts fastest (RESULTS.md).
-Caching is by command line: after a change to the scripts' defaults, use a fresh OUT or delete OUT/<row>/done.json.
+the whole encoder starts fastest, and with finetune.py's layer decay off (its default since 2026-12-01) it ends ahead
+of scratch (RESULTS.md).
+Caching is by command line and the flags it resolves to (defaults included): a change of a script's defaults reruns
+what it changes; a change of its code does not (use a fresh OUT, or delete OUT/<row>/done.json).
 
 Each step is a plain command, printed before it runs (its output to OUT/<row>/*.log): any row reruns by hand.
 OUT/<row>/finetune/best.pt is a normal finetune.py checkpoint (best val mAP50) for evaluate.py --ckpt.
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -45,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, for their parsers
 from ablation import ROOT, print_table, run  # noqa: E402
 
 PRETRAIN = {'jepa-object': ['--mask', 'object'], 'jepa-random': ['--mask', 'random'],
@@ -63,15 +67,22 @@ def prepare(src, dst):
                 '--size', 512, '--gap', 128, '--rates', 0.5)
 
 
+def resolved(cmd):
+    """The flags a script command (a list: script, flags...) resolves to today, defaults included, as strings."""
+    parser = importlib.import_module(Path(str(cmd[0])).stem).get_parser()
+    return {k: str(v) for k, v in vars(parser.parse_args([str(c) for c in cmd[1:]])).items()}
+
+
 def cached(folder, cmd, log):
-    """Run `cmd` (a list) unless folder/done.json records the same command. -> its minutes (the first run's)."""
-    done, key = folder / 'done.json', [str(c) for c in cmd]
+    """Run `cmd` (a list) unless folder/done.json records the same command resolving to the same flags (so a change
+    of a script's defaults reruns it; a change of its code does not). -> its minutes (the first run's)."""
+    done, key, flags = folder / 'done.json', [str(c) for c in cmd], resolved(cmd)
     record = json.loads(done.read_text()) if done.exists() else {}
-    if record.get('cmd') == key:
-        print(f'# reused {folder} (same command)')
+    if record.get('cmd') == key and record.get('args') == flags:
+        print(f'# reused {folder} (same command, same defaults)')
         return record['minutes']
     minutes = run(log, *cmd) / 60
-    done.write_text(json.dumps({'cmd': key, 'minutes': minutes}))
+    done.write_text(json.dumps({'cmd': key, 'args': flags, 'minutes': minutes}))
     return minutes
 
 

@@ -48,3 +48,19 @@ def test_the_real_set_cuts_into_the_documented_half_resolution_tiles(nwpu, tmp_p
     boxes = np.concatenate([t['boxes'] for t in ds.targets])
     side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
     assert 20 < np.median(side) < 45  # DOTA-small at half resolution, as SOURCE.md says (~32 px)
+
+
+def test_the_cache_reruns_a_step_whose_defaults_changed(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / 'bench'))
+    import nwpu
+    calls = []
+    monkeypatch.setattr(nwpu, 'run', lambda log, *cmd: calls.append(cmd) or 60.0)  # 60 s, nothing run
+    cmd = ['probe.py', '--ckpt', 'none', '--data', tmp_path]
+    assert nwpu.cached(tmp_path, cmd, tmp_path / 'log') == 1.0 and len(calls) == 1
+    assert nwpu.cached(tmp_path, cmd, tmp_path / 'log') == 1.0 and len(calls) == 1  # same command: reused
+    record = json.loads((tmp_path / 'done.json').read_text())
+    assert record['args']['steps'] == '300'  # probe.py's default, recorded
+    record['args']['steps'] = '200'  # as if it had run when the default was 200
+    (tmp_path / 'done.json').write_text(json.dumps(record))
+    nwpu.cached(tmp_path, cmd, tmp_path / 'log')
+    assert len(calls) == 2  # same command line, other defaults: run again
