@@ -7,7 +7,8 @@ The detector (detector.Detector) predicts a box and class scores at every cell o
 one-to-one head: the default); with --dec-layers N it also turns the top-K cells into queries and refines them with
 a small transformer decoder. Training matches each ground-truth box to exactly one prediction per stage
 (matcher.MinCostMatcher) and there is no NMS at inference. The defaults (dense head, the convolutional spatial prior,
-lr 5e-4, no stochastic depth, varifocal loss) are the recipe measured best on NWPU VHR-10 val (RESULTS.md).
+a matcher that prefers the cell nearest each object's centre, lr 5e-4, no layer decay, no stochastic depth, varifocal
+loss) are the recipe measured best on NWPU VHR-10 val (RESULTS.md).
 OUT/results.csv gets one line per epoch (losses, lr, val mAP50 and mAP50-95, seconds) and, with matplotlib
 installed, results.png draws it;
 --time MINUTES fits the run to a wall-clock budget. The model is
@@ -97,11 +98,12 @@ def get_parser():
     ap.add_argument('--matcher', choices=['greedy', 'hungarian'], default='greedy',
                     help="one-to-one assignment: our min-cost rule, or scipy's Hungarian for comparison (needs "
                          'scipy) (default: %(default)s)')
-    ap.add_argument('--match-centre', type=float, default=0.0,
+    ap.add_argument('--match-centre', type=float, default=1.0,
                     help="w > 0: the matcher's cost also counts w x the cell's distance to the object's centre (L1, "
                          'in cells), so that of two neighbouring cells predicting the same box the nearer one is '
                          'the positive: a rule the head can learn, where a choice by their nearly equal scores is '
-                         'not (the duplicates on NWPU VHR-10 are such neighbours; RESULTS.md) (default: off)')
+                         'not (NWPU VHR-10 val, 20 epochs: mAP50 0.328 vs 0.277 with 0, fewer duplicates; '
+                         'RESULTS.md) (default: %(default)s)')
     ap.add_argument('--warmup-epochs', type=float, default=2, help='linear warmup length (default: %(default)s)')
     ap.add_argument('--weight-decay', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
     ap.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth of the backbone '
