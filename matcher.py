@@ -93,10 +93,11 @@ class MinCostMatcher:
                  + w_ctr * |centre of cell m - centre of gt g|_1 / stride
                  + 1e4 * [centre of cell m is outside the centre region of gt g]
     with c the class of gt g and pos/neg the focal costs of calling logit (m, c) positive/negative (Deformable
-    DETR's class cost). w_ctr > 0 breaks the tie between neighbouring cells that predict the same box at nearly
-    the same score in favour of the cell nearest the object's centre: without it, which of the two is matched depends
-    on their scores alone, a choice the head cannot learn, and at test time both fire (RESULTS.md: the duplicates). The centre region of a box (cx, cy, w, h) is |x - cx| <= max(w/2, 1.5 stride) and the same
-    in y: a spatial prior that makes the assignment stable early in training and gives 6 px objects a few cells.
+    DETR's class cost). w_ctr > 0 (finetune.py: 1.0) breaks the tie between neighbouring cells that predict the
+    same box at nearly the same score in favour of the cell nearest the object's centre: without it, which of the
+    two is matched depends on their scores alone, a choice the head cannot learn, and at test time both fire
+    (RESULTS.md: the duplicates). The centre region of a box (cx, cy, w, h) is |x - cx| <= max(w/2, 1.5 stride) and
+    the same in y: a spatial prior that makes the assignment stable early in training and gives 6 px objects a few cells.
     The rule (a min-cost greedy, not the Hungarian optimum): in rounds, every unmatched GT proposes its cheapest
     free prediction; a prediction proposed by several GT takes the one with the lowest cost (ties: lower GT index)
     and leaves the game. Each round matches at least one GT, usually almost all; torch ops only, no loop over boxes.
