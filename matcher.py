@@ -97,8 +97,8 @@ class MinCostMatcher:
     same box at nearly the same score in favour of the cell nearest the object's centre: without it, which of the
     two is matched depends on their scores alone, a choice the head cannot learn, and at test time both fire
     (RESULTS.md: the duplicates). The centre region of a box (cx, cy, w, h) is |x - cx| <= max(w/2, 1.5 stride) and
-    the same in y: a spatial prior that makes the assignment stable early in training and gives 6 px objects a few cells.
-    The rule (a min-cost greedy, not the Hungarian optimum): in rounds, every unmatched GT proposes its cheapest
+    the same in y: a spatial prior that makes the assignment stable early in training and gives 6 px objects a few
+    cells. The rule (a min-cost greedy, not the Hungarian optimum): in rounds, every unmatched GT proposes its cheapest
     free prediction; a prediction proposed by several GT takes the one with the lowest cost (ties: lower GT index)
     and leaves the game. Each round matches at least one GT, usually almost all; torch ops only, no loop over boxes.
     Oriented boxes: ProbIoU in place of GIoU, L1 on (cx, cy, long side, short side) (l1_form), and the centre
