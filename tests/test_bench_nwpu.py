@@ -51,7 +51,7 @@ def test_the_real_set_cuts_into_the_documented_half_resolution_tiles(nwpu, tmp_p
 
 
 def test_the_cache_reruns_a_step_whose_defaults_changed(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / 'bench'))
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))  # not left on sys.path for the other tests
     import nwpu
     calls = []
     monkeypatch.setattr(nwpu, 'run', lambda log, *cmd: calls.append(cmd) or 60.0)  # 60 s, nothing run
