@@ -81,6 +81,27 @@ class SpatialPrior(nn.Module):
         return self.layers(x)
 
 
+class PeakFilter(nn.Module):
+    """A learned term for each cell's class logits that can tell the cell nearest an object from its neighbours,
+    which see nearly the same pixels and predict nearly the same box (the duplicates of a one-to-one head without
+    NMS). A small embedding e of each cell is compared with the maximum of its 3 x 3 neighbourhood (e - max <= 0,
+    0 where the cell is the local peak), and a two-layer MLP reads (e, e - max, where the cell's own box centre lies
+    relative to the cell) -> one logit offset per class, zero at the start. It is DeFCN's max filter with what the
+    older `max_filter` option lacks: a learned feature to take the maximum of, and a nonlinearity to turn "below
+    the peak" or "the centre is in my neighbour" into "stay silent" (a single linear class conv cannot)."""
+
+    def __init__(self, dim, num_classes, embed=16, hidden=64):
+        super().__init__()
+        self.embed = nn.Conv2d(dim, embed, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Conv2d(2 * embed + 2, hidden, 1), nn.GELU(), nn.Conv2d(hidden, num_classes, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, f, offset):  # f (B, Dh, h, w); offset (B, 2, h, w): box centre - cell centre, in cells
+        e = self.embed(f)  # (B, E, h, w)
+        return self.mlp(torch.cat([e, e - F.max_pool2d(e, 3, 1, 1), offset], 1))  # (B, C, h, w)
+
+
 class Detector(nn.Module):
     """ViT backbone -> `stride` map -> dense encoder stage -> top-K queries -> `dec_layers` decoder layers.
 
@@ -96,7 +117,7 @@ class Detector(nn.Module):
     """
 
     def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
-                 obb=False, o2m=0, max_filter=False, spatial_prior=False, adapt=False):
+                 obb=False, o2m=0, max_filter=False, spatial_prior=False, adapt=False, peak=False):
         super().__init__()
         self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
         self.o2m, self.max_filter = o2m, max_filter
@@ -117,6 +138,7 @@ class Detector(nn.Module):
         # one scale): a one-to-one head without NMS otherwise has to tell near-identical cells apart
         self.cls = nn.Conv2d(head_dim * (2 if max_filter else 1), num_classes, 3, padding=1)
         self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
+        self.peak = PeakFilter(head_dim, num_classes) if peak else None  # the one-to-one head's only
         if o2m:  # a second dense head on the same map, trained one-to-many and used in training only (YOLOv10)
             self.cls_o2m = nn.Conv2d(head_dim, num_classes, 3, padding=1)
             self.box_o2m = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
@@ -136,12 +158,15 @@ class Detector(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def dense(self, f, cls, box, centres, g=None):
-        """One dense stage on the map f (B, Dh, h, w) with its class and box convolutions (cls reads g if given)
-        -> (output dict: logits (B, M, C), boxes (B, M, 4 | 5), centres, stride; and the decoded (cxcy, wh, theta or
-        None), each (B, M, .))"""
-        logits = cls(f if g is None else g).flatten(2).transpose(1, 2)  # (B, M, C)
-        d = box(f).flatten(2).transpose(1, 2).float()  # (B, M, 4 | 6)
+    def dense(self, f, cls, box, centres, g=None, peak=None):
+        """One dense stage on the map f (B, Dh, h, w) with its class and box convolutions (cls reads g if given;
+        a PeakFilter `peak` adds to the logits) -> (output dict: logits (B, M, C), boxes (B, M, 4 | 5), centres,
+        stride; and the decoded (cxcy, wh, theta or None), each (B, M, .))"""
+        logits, d = cls(f if g is None else g), box(f)  # (B, C, h, w), (B, 4 | 6, h, w)
+        if peak is not None:  # the offsets are an input, not a target of the class loss: detached
+            logits = logits + peak(f, d[:, :2].detach())
+        logits = logits.flatten(2).transpose(1, 2)  # (B, M, C)
+        d = d.flatten(2).transpose(1, 2).float()  # (B, M, 4 | 6)
         cxcy = centres + d[..., :2] * self.stride
         wh = d[..., 2:4].clamp(-4, 7).exp() * self.stride
         theta = torch.atan2(d[..., 5], 1 + d[..., 4])[..., None] / 2 if self.obb else None  # (B, M, 1)
@@ -166,7 +191,7 @@ class Detector(nn.Module):
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing='ij')
         centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * self.stride  # (M, 2), M = h * w
         g = torch.cat([f, f - F.max_pool2d(f, 3, 1, 1)], 1) if self.max_filter else f  # (B, Dh or 2 Dh, h, w)
-        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, centres, g)
+        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, centres, g, self.peak)
         extra = {}
         if self.o2m and self.training:  # the one-to-many head: more positives per GT for the shared neck to learn from
             extra['o2m'] = {**self.dense(f, self.cls_o2m, self.box_o2m, centres)[0], 'topk': self.o2m}

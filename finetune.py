@@ -123,6 +123,9 @@ def get_parser():
     ap.add_argument('--max-filter', action='store_true', help='the class scores also read each cell\'s features '
                     'minus their 3 x 3 maximum, so one of two neighbouring cells can stay silent (DeFCN\'s max '
                     'filtering, for the dense one-to-one head without NMS)')
+    ap.add_argument('--peak-filter', action='store_true', help='add to the class logits a small MLP\'s reading of '
+                    'a learned cell embedding minus its 3 x 3 maximum and of the cell\'s own box-centre offset, so '
+                    'that of neighbouring cells seeing one object only the centre cell fires (detector.PeakFilter)')
     ap.add_argument('--spatial-prior', action=argparse.BooleanOptionalAction, default=True,
                     help='add a small CNN\'s map of the pixels (3x3 stride-2 convolutions down to --stride) to the '
                     'neck\'s output: local detail for objects smaller than a patch (detector.SpatialPrior; NWPU val, '
@@ -178,7 +181,8 @@ def build(args):
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
                     args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m,
-                    max_filter=args.max_filter, spatial_prior=args.spatial_prior, adapt=args.whiten > 0)
+                    max_filter=args.max_filter, spatial_prior=args.spatial_prior, adapt=args.whiten > 0,
+                    peak=args.peak_filter)
 
 
 def layer_decay_parts(model, decay):

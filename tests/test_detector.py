@@ -186,6 +186,34 @@ def test_max_filter_lets_the_class_scores_see_the_local_maximum():
     assert det.cls.weight.grad[:, 32:].abs().sum() > 0  # the max-filtered half takes part
 
 
+def test_peak_filter_starts_as_the_plain_head_and_learns_from_the_class_loss():
+    torch.manual_seed(0)
+    plain = Detector(build_vit('test', 8), 3, 32, dec_layers=0)
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 8), 3, 32, dec_layers=0, peak=True)
+    x = torch.randn(2, 3, 32, 32)
+    out = det(x)
+    assert torch.equal(out['logits'], plain(x)['logits'])  # zero at the start: the same model as without it
+    t = {'boxes': torch.tensor([[4.0, 4, 20, 20]]), 'labels': torch.tensor([1])}
+    detector_loss(out, [t, t], MinCostMatcher())[0].backward()
+    assert det.peak.mlp[-1].weight.grad.abs().sum() > 0  # trained by the class loss
+    assert det.box.weight.grad is not None
+    # the box offsets enter detached: the class loss alone leaves the box conv untouched
+    det.zero_grad()
+    det(x)['logits'].sum().backward()
+    assert det.box.weight.grad is None or det.box.weight.grad.abs().sum() == 0
+    # a cell that is the 3 x 3 peak of the embedding reads 0 in the 'minus the maximum' input, its neighbours < 0
+    f = torch.zeros(1, 32, 5, 5)
+    f[0, :, 2, 2] = 1.0
+    with torch.no_grad():
+        det.peak.embed.weight.zero_()
+        det.peak.embed.weight[:, :, 1, 1] = 1.0
+        det.peak.embed.bias.zero_()
+        e = det.peak.embed(f)
+        below = e - torch.nn.functional.max_pool2d(e, 3, 1, 1)
+    assert below[0, 0, 2, 2] == 0 and below[0, 0, 2, 3] < 0 and below[0, 0, 1, 1] < 0
+
+
 @pytest.mark.parametrize('patch,stride', [(8, 8), (16, 8), (8, 4)])
 def test_spatial_prior_adds_a_map_of_the_pixels_at_the_stride(patch, stride):
     torch.manual_seed(0)
