@@ -143,6 +143,10 @@ def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_p
     assert a['step'] == b['step'] == 8
     for k in ('model', 'train_model'):
         assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])  # exact, not approximately
+    epochs = lambda d: [r.split(',')[0] for r in (tmp_path / d / 'results.csv').read_text().splitlines()]  # noqa
+    assert epochs('part') == epochs('full') == ['epoch', '1', '2']
+    main(flags + ['--out', str(tmp_path / 'part'), '--epochs', '1'])  # a fresh run into the same OUT
+    assert epochs('part') == ['epoch', '1']  # its own rows, not appended to the last run's
 
 
 def test_results_csv_every_epoch_and_the_curves_only_with_matplotlib(tmp_path, monkeypatch):
