@@ -221,7 +221,13 @@ def main(argv=None):
                     'step': step, 'epoch': epoch, 'batch': batch, 'rng': runtime.rng_state(mask=gen),
                     'args': vars(args)})
 
-    log = open(os.path.join(args.out, 'log.jsonl'), 'a') if main0 else None
+    log = None
+    if main0:  # keep the lines up to the resumed step (none for a fresh run): no other run's or repeated steps
+        path = os.path.join(args.out, 'log.jsonl')
+        kept = [s for s in open(path).read().splitlines() if json.loads(s)['step'] <= step] \
+            if os.path.exists(path) else []
+        log = open(path, 'w')
+        log.write(''.join(s + '\n' for s in kept))
     probe = None  # probe.Probe, built at its first use (it loads the train and val images once)
     t_start, epoch = time.time(), start_epoch
     while epoch < args.epochs:  # a while: --time changes args.epochs as it goes

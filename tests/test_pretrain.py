@@ -47,8 +47,10 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(synth, tmp_path):
     part = run(synth, tmp_path / 'part', '--max-steps', 3)  # stops mid-epoch 1 (4 steps per epoch)
     assert len(part) == 3
     rest = run(synth, tmp_path / 'part', '--resume', 'auto')
-    assert [r['step'] for r in rest] == list(range(1, 9))[:3] + list(range(4, 9))  # the log file is appended to
+    assert [r['step'] for r in rest] == list(range(1, 9))  # the log file continues from the resumed step
     assert [r['loss'] for r in rest[3:]] == [r['loss'] for r in full[3:]]  # exact, not approximately
+    again = run(synth, tmp_path / 'part', '--epochs', 1)  # a fresh run into the same OUT: its own log only
+    assert [r['step'] for r in again] == [1, 2, 3, 4]
 
 
 def test_a_checkpoint_whose_pickle_runs_code_is_refused(synth, tmp_path):
