@@ -126,6 +126,9 @@ def get_parser():
     ap.add_argument('--peak-filter', action='store_true', help='add to the class logits a small MLP\'s reading of '
                     'a learned cell embedding minus its 3 x 3 maximum and of the cell\'s own box-centre offset, so '
                     'that of neighbouring cells seeing one object only the centre cell fires (detector.PeakFilter)')
+    ap.add_argument('--near-negatives', type=float, default=0.0, help='W > 0: the 8 cells around each matched '
+                    'cell are negatives for its class with W x the plain cross-entropy instead of the focal term '
+                    '(hard negatives where duplicates come from) (default: %(default)s)')
     ap.add_argument('--spatial-prior', action=argparse.BooleanOptionalAction, default=True,
                     help='add a small CNN\'s map of the pixels (3x3 stride-2 convolutions down to --stride) to the '
                     'neck\'s output: local detail for objects smaller than a patch (detector.SpatialPrior; NWPU val, '
@@ -339,7 +342,8 @@ def main(argv=None):
                 n_gt /= world
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = fwd(to_input(images, targets, device))
-                loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss, num_gt=n_gt)
+                loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss, num_gt=n_gt,
+                                            w_near=args.near_negatives)
             loss_value = loss.item()  # one host sync per step: check and progress bar
             if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
                 raise FloatingPointError(f'loss is {loss_value} at step {step}; {last} holds the last good state. '

@@ -183,7 +183,7 @@ def assign_top_k(cost, k):
 
 
 def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal',
-                   matches=None, num_gt=None):
+                   matches=None, num_gt=None, w_near=0.0):
     """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
     list of B target dicts (boxes, labels on any device). Oriented boxes (..., 5) use ProbIoU where the text below
     says GIoU or IoU, and l1_form's coordinates for L1.
@@ -196,9 +196,13 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     pairs; each term is divided by the number of GT in the batch (or by num_gt: under DDP, the mean over ranks;
     one-to-many: by the number of matched pairs). -> (total loss, dict of detached numbers for logging: the terms,
     the mean IoU of the matched pairs, and the number of (prediction, class) scores above 0.3 per GT: about 1 when
-    the one-to-one matching has taught the head not to duplicate), matches)."""
+    the one-to-one matching has taught the head not to duplicate), matches).
+    w_near > 0 (one-to-one only): the 8 cells around each matched cell, for the matched class, are negatives with
+    w_near x the plain cross-entropy -log(1 - p) instead of the focal term (which leaves a neighbour at p = 0.5
+    with 0.75 x 0.25 of it): the cells that would be duplicates are pushed down as hard negatives."""
     logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
+    near = torch.zeros_like(is_pos)  # (B, K, C) the matched class at the cells next to a matched cell
     quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
     src, tgt, found = [], [], []
     for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes
@@ -212,6 +216,10 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             pi = gi = torch.zeros(0, dtype=torch.long, device=boxes.device)
         found.append((pi, gi))
         is_pos[b, pi, gt_labels[gi]] = True
+        if w_near and out.get('topk', 1) == 1:
+            ring = (centres[b][None] - centres[b][pi][:, None]).abs().amax(-1) < 1.5 * stride  # (P, K), self included
+            p_idx, k_idx = ring.nonzero(as_tuple=True)
+            near[b, k_idx, gt_labels[gi][p_idx]] = True
         quality[b, pi, gt_labels[gi]] = overlap(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
@@ -224,6 +232,8 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
         neg = 0.75 * x.sigmoid() ** gamma * F.softplus(x)  # -log(1 - p) = softplus(x)
     else:
         pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, K, C) each
+    if w_near:
+        neg = torch.where(near, w_near * F.softplus(logits.float()), neg)
     loss_cls = torch.where(is_pos, pos, neg).sum() / n
     src, tgt = torch.cat(src).float(), torch.cat(tgt)
     loss_l1 = (l1_form(src) - l1_form(tgt)).abs().sum() / stride / n  # 0 (with a gradient path) when there is no GT

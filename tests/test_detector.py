@@ -1,5 +1,6 @@
 """The detector: matcher invariants, query selection and decoder, losses on 0 and 1,000 GT, overfitting."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -225,3 +226,16 @@ def test_spatial_prior_adds_a_map_of_the_pixels_at_the_stride(patch, stride):
     t = {'boxes': torch.tensor([[4.0, 4, 12, 12]]), 'labels': torch.tensor([1])}
     detector_loss(out, [t, t], MinCostMatcher())[0].backward()
     assert det.prior.layers[0].weight.grad.abs().sum() > 0  # trained with the rest
+
+
+@pytest.mark.parametrize('cell,n_near', [(12, 8), (0, 3)])  # the middle of a 5 x 5 map, and a corner
+def test_near_negatives_weight_the_matched_cells_neighbours_for_its_class(cell, n_near):
+    ys, xs = torch.meshgrid(torch.arange(5), torch.arange(5), indexing='ij')
+    centres = ((torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * 8).float()[None]  # (1, 25, 2)
+    boxes = torch.cat([centres - 4, centres + 4], -1)  # (1, 25, 4)
+    out = {'logits': torch.zeros(1, 25, 3), 'boxes': boxes, 'centres': centres, 'stride': 8}
+    t = [{'boxes': boxes[0, cell][None], 'labels': torch.tensor([1])}]
+    match = [(torch.tensor([cell]), torch.tensor([0]))]
+    parts = [detection_loss(out, t, None, cls_loss='varifocal', matches=match, w_near=w)[1]['cls'] for w in (0, 1)]
+    # at p = 0.5 a negative costs 0.75 * 0.5^2 * log 2 (focal) or log 2 (plain): only the neighbours, only class 1
+    assert float(parts[1] - parts[0]) == pytest.approx(n_near * (1 - 0.75 * 0.25) * math.log(2), rel=1e-5)
