@@ -128,7 +128,8 @@ def get_parser():
                     'that of neighbouring cells seeing one object only the centre cell fires (detector.PeakFilter)')
     ap.add_argument('--near-negatives', type=float, default=0.0, help='W > 0: the 8 cells around each matched '
                     'cell are negatives for its class with W x the plain cross-entropy instead of the focal term '
-                    '(hard negatives where duplicates come from) (default: %(default)s)')
+                    '(hard negatives where duplicates come from; synthetic set: fewer duplicates, no better mAP yet, '
+                    'RESULTS.md) (default: %(default)s)')
     ap.add_argument('--spatial-prior', action=argparse.BooleanOptionalAction, default=True,
                     help='add a small CNN\'s map of the pixels (3x3 stride-2 convolutions down to --stride) to the '
                     'neck\'s output: local detail for objects smaller than a patch (detector.SpatialPrior; NWPU val, '
