@@ -245,17 +245,6 @@ def write_results(path, row):
         f.write((','.join(row) + '\n' if new else '') + ','.join(fmt(v) for v in row.values()) + '\n')
 
 
-def start_results(path, done):
-    """Before the first epoch: keep the rows of results.csv for the `done` epochs a resumed run's checkpoint
-    completed; a fresh run (done = 0) into an old OUT starts the file anew instead of appending to another run's."""
-    if not os.path.exists(path):
-        return
-    head, *rows = open(path).read().splitlines()
-    rows = [r for r in rows if int(r.split(',', 1)[0]) <= done]
-    with open(path, 'w') as f:
-        f.write('\n'.join([head, *rows]) + '\n')
-
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
     ddp, rank, world, device = runtime.start(args.device)  # under torchrun: one process per GPU
@@ -323,8 +312,8 @@ def main(argv=None):
 
     t_start, epoch = time.time(), start_epoch
     csv_path = os.path.join(args.out, 'results.csv')
-    if main0:
-        start_results(csv_path, start_epoch)
+    if main0:  # the epochs the checkpoint completed (none for a fresh run)
+        runtime.keep_log_lines(csv_path, lambda r: int(r.split(',', 1)[0]) <= start_epoch, header=1)
     while epoch < args.epochs:  # a while: --time changes args.epochs as it goes
         model.train()
         first = start_batch if epoch == start_epoch else 0

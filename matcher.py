@@ -202,7 +202,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     with 0.75 x 0.25 of it): the cells that would be duplicates are pushed down as hard negatives."""
     logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
-    near = torch.zeros_like(is_pos)  # (B, K, C) the matched class at the cells next to a matched cell
+    near = torch.zeros_like(is_pos) if w_near else None  # (B, K, C) the matched class next to a matched cell
     quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
     src, tgt, found = [], [], []
     for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes

@@ -222,12 +222,10 @@ def main(argv=None):
                     'args': vars(args)})
 
     log = None
-    if main0:  # keep the lines up to the resumed step (none for a fresh run): no other run's or repeated steps
+    if main0:
         path = os.path.join(args.out, 'log.jsonl')
-        kept = [s for s in open(path).read().splitlines() if json.loads(s)['step'] <= step] \
-            if os.path.exists(path) else []
-        log = open(path, 'w')
-        log.write(''.join(s + '\n' for s in kept))
+        runtime.keep_log_lines(path, lambda s: json.loads(s)['step'] <= step)
+        log = open(path, 'a')
     probe = None  # probe.Probe, built at its first use (it loads the train and val images once)
     t_start, epoch = time.time(), start_epoch
     while epoch < args.epochs:  # a while: --time changes args.epochs as it goes

@@ -48,6 +48,21 @@ def resume_point(out, resume):
     return last, path, (torch.load(path, map_location='cpu', weights_only=True) if path else None)
 
 
+def keep_log_lines(path, keep, header=0):
+    """Before a run writes to its log: keep the lines `keep(line)` accepts (those up to the resumed checkpoint; none
+    for a fresh run) under the first `header` lines, or remove the file when none is kept (the run writes its own
+    header), so that a log holds one run: no other run's lines, no steps a resumed run repeats."""
+    if not os.path.exists(path):
+        return
+    lines = open(path).read().splitlines()
+    kept = [s for s in lines[header:] if keep(s)]
+    if not kept:
+        os.remove(path)
+        return
+    with open(path, 'w') as f:
+        f.write(''.join(s + '\n' for s in lines[:header] + kept))
+
+
 def rng_state(**generators):
     """The torch CPU (and CUDA) RNG states plus those of named torch.Generators, for a checkpoint."""
     state = {'torch': torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
