@@ -282,7 +282,7 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None  # what is evaluated and saved
     final = ema or model
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    best, step, start_epoch, start_batch = -1.0, 0, 0, 0
+    best, step, start_epoch, start_batch, spent = -1.0, 0, 0, 0, 0.0
     last, args.resume, ck = runtime.resume_point(args.out, args.resume)
     if ck is not None:
         model.load_state_dict(ck.get('train_model', ck['model']))
@@ -291,6 +291,7 @@ def main(argv=None):
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler'])
         step, start_epoch, start_batch, best = ck['step'], ck['epoch'], ck['batch'], ck['best']
+        spent = ck.get('seconds', 0.0)  # the run's time so far: results.csv and --time count from its start
         runtime.set_rng_state(ck['rng'])
     fwd = DDP(model, device_ids=[device] if cuda else None) if ddp else model
     fwd = torch.compile(fwd) if args.compile else fwd
@@ -308,9 +309,10 @@ def main(argv=None):
         extra = {'train_model': model.state_dict()} if ema is not None else {}
         runtime.save(last, {'model': final.state_dict(), **extra, 'optimizer': opt.state_dict(),
                             'scaler': scaler.state_dict(), 'step': step, 'epoch': epoch, 'batch': batch, 'best': best,
-                            'rng': runtime.rng_state(), 'args': vars(args), 'class_names': class_names})
+                            'seconds': time.time() - t_start, 'rng': runtime.rng_state(), 'args': vars(args),
+                            'class_names': class_names})
 
-    t_start, epoch = time.time(), start_epoch
+    t_start, epoch = time.time() - spent, start_epoch
     csv_path = os.path.join(args.out, 'results.csv')
     if main0:  # the epochs the checkpoint completed (none for a fresh run)
         runtime.keep_log_lines(csv_path, lambda r: int(r.split(',', 1)[0]) <= start_epoch, header=1)
@@ -364,7 +366,7 @@ def main(argv=None):
             say(f'epoch {epoch + 1}: mean IoU of matched pairs {np.mean(diag["iou"]):.3f}, predictions above 0.3 per '
                 f'GT {np.mean(diag["above_0.3_per_gt"]):.2f}' + (' (rank 0)' if ddp else ''))
         if args.time:  # the epochs that fit the budget, and the lr schedule spanned over them
-            args.epochs = runtime.epochs_in_budget(args.time, t_start, epoch, start_epoch, ddp)
+            args.epochs = runtime.epochs_in_budget(args.time, t_start, epoch, ddp)
             total = args.epochs * steps_per_epoch
         epoch += 1
         if not main0:

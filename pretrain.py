@@ -194,7 +194,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)  # bf16 needs no loss scaling
     gen = torch.Generator().manual_seed(args.seed)  # masks: drawn on the CPU for the global batch (masking._rand)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    step, start_epoch, start_batch = 0, 0, 0
+    step, start_epoch, start_batch, spent = 0, 0, 0, 0.0
     last, args.resume, ck = runtime.resume_point(args.out, args.resume)
     if ck is not None:
         context.load_state_dict(ck['context'])
@@ -203,6 +203,7 @@ def main(argv=None):
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler'])
         step, start_epoch, start_batch = ck['step'], ck['epoch'], ck['batch']
+        spent = ck.get('seconds', 0.0)  # the run's time so far: --time counts from its start
         runtime.set_rng_state(ck['rng'], mask=gen)
         if main0:
             print(f'resumed from {args.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}')
@@ -219,7 +220,7 @@ def main(argv=None):
         runtime.save(last, {'context': context.state_dict(), 'target': target.state_dict(),
                     'predictor': predictor.state_dict(), 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
                     'step': step, 'epoch': epoch, 'batch': batch, 'rng': runtime.rng_state(mask=gen),
-                    'args': vars(args)})
+                    'seconds': time.time() - t_start, 'args': vars(args)})
 
     log = None
     if main0:
@@ -227,7 +228,7 @@ def main(argv=None):
         runtime.keep_log_lines(path, lambda s: json.loads(s)['step'] <= step)
         log = open(path, 'a')
     probe = None  # probe.Probe, built at its first use (it loads the train and val images once)
-    t_start, epoch = time.time(), start_epoch
+    t_start, epoch = time.time() - spent, start_epoch
     while epoch < args.epochs:  # a while: --time changes args.epochs as it goes
         student.train()
         first = start_batch if epoch == start_epoch else 0
@@ -301,7 +302,7 @@ def main(argv=None):
                   f'{stats["target_std"].item():.3f}, predicting the mean target would give '
                   f'{stats["mean_baseline"].item():.4f} (last batch), {seen * world / (time.time() - t0):.1f} img/s')
         if args.time:  # the epochs that fit the budget, and the schedules spanned over them
-            args.epochs = runtime.epochs_in_budget(args.time, t_start, epoch, start_epoch, ddp)
+            args.epochs = runtime.epochs_in_budget(args.time, t_start, epoch, ddp)
             total = args.epochs * steps_per_epoch
         checkpoint(epoch + 1, 0)
         epoch += 1

@@ -79,12 +79,13 @@ def set_rng_state(state, **generators):
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def epochs_in_budget(minutes, t_start, epoch, start_epoch, ddp):
-    """--time: after epoch `epoch` (0-based) of a run that started at `t_start` from `start_epoch`, the number of
-    epochs that fit in `minutes` at the mean time per epoch so far (at least epoch + 1; exactly that once the budget
-    is spent). Under DDP rank 0's clock decides, so that every rank stops together."""
+def epochs_in_budget(minutes, t_start, epoch, ddp):
+    """--time: after epoch `epoch` (0-based) of a run whose clock started at `t_start` (a resumed run moves it back
+    by the seconds its checkpoint had spent, so the budget is the whole run's), the number of epochs that fit in
+    `minutes` at the mean time per epoch so far (at least epoch + 1; exactly that once the budget is spent). Under
+    DDP rank 0's clock decides, so that every rank stops together."""
     spent = time.time() - t_start
-    per_epoch = spent / (epoch + 1 - start_epoch)
+    per_epoch = spent / (epoch + 1)
     fit = torch.tensor(epoch + 1 if spent >= minutes * 60 else max(epoch + 1, int(minutes * 60 / per_epoch)))
     if ddp:
         dist.broadcast(fit, 0)

@@ -135,6 +135,7 @@ def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_p
     assert 'stopped at --max-steps 3' in capsys.readouterr().out
     ck = torch.load(tmp_path / 'part' / 'last.pt', weights_only=True)
     assert (ck['step'], ck['epoch'], ck['batch']) == (3, 0, 3) and 'train_model' in ck
+    torch.save({**ck, 'seconds': 1000.0}, tmp_path / 'part' / 'last.pt')  # as if the first part had run 1000 s
     main(flags + ['--out', str(tmp_path / 'part'), '--resume', 'auto'])
     rest = capsys.readouterr().out
     assert 'resumed from' in rest and 'epoch 1, batch 3, step 3' in rest
@@ -145,6 +146,8 @@ def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_p
         assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])  # exact, not approximately
     epochs = lambda d: [r.split(',')[0] for r in (tmp_path / d / 'results.csv').read_text().splitlines()]  # noqa
     assert epochs('part') == epochs('full') == ['epoch', '1', '2']
+    seconds = [float(r.split(',')[1]) for r in (tmp_path / 'part' / 'results.csv').read_text().splitlines()[1:]]
+    assert 1000 <= seconds[0] <= seconds[1] < 1000 + 600  # the run's clock, not the resumed process's
     main(flags + ['--out', str(tmp_path / 'part'), '--epochs', '1'])  # a fresh run into the same OUT
     assert epochs('part') == ['epoch', '1']  # its own rows, not appended to the last run's
 
@@ -179,8 +182,10 @@ def test_time_budget_sets_the_epochs_from_the_time_per_epoch(tmp_path, capsys):
     from finetune import main
     from runtime import epochs_in_budget
     t0 = time.time() - 10  # 10 s for 2 epochs: 5 s each
-    assert epochs_in_budget(1.0, t0, epoch=1, start_epoch=0, ddp=False) == 11  # 60 s / 5.x s
-    assert epochs_in_budget(0.1, t0, epoch=1, start_epoch=0, ddp=False) == 2  # spent: stop after this epoch
+    assert epochs_in_budget(1.0, t0, epoch=1, ddp=False) == 11  # 60 s / 5.x s
+    assert epochs_in_budget(0.1, t0, epoch=1, ddp=False) == 2  # spent: stop after this epoch
+    # a resumed run: its clock starts the checkpoint's seconds back, so 9 s for 9 epochs leave 51 s at 1 s each
+    assert epochs_in_budget(1.0, time.time() - 9, epoch=8, ddp=False) == 59
     make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
     main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'), '--img-size',
           '32', '--batch-size', '4', '--epochs', '50', '--eval-every', '10', '--head-dim', '32', '--workers', '0',

@@ -53,6 +53,15 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(synth, tmp_path):
     assert [r['step'] for r in again] == [1, 2, 3, 4]
 
 
+def test_a_resumed_time_budget_counts_the_time_already_spent(synth, tmp_path):
+    run(synth, tmp_path, '--max-steps', 3, '--time', 1)  # stops mid-epoch 1 (4 steps per epoch)
+    ck = torch.load(tmp_path / 'last.pt', weights_only=True)
+    assert 0 < ck['seconds'] < 600
+    torch.save({**ck, 'seconds': 3600.0}, tmp_path / 'last.pt')  # as if the first part had taken an hour
+    rest = run(synth, tmp_path, '--resume', 'auto', '--time', 1)
+    assert rest[-1]['step'] == 4  # the 1-minute budget is spent: it finishes epoch 1 and stops (2 epochs: 8 steps)
+
+
 def test_a_checkpoint_whose_pickle_runs_code_is_refused(synth, tmp_path):
     marker = tmp_path / 'pwned'
 
