@@ -3,7 +3,8 @@
     python bench/finetune_bench.py [--model mini] [--img-size 512] [--batch-size 2] [--steps 3]
 
 A DOTA-like batch: synthetic images with rows of parked vehicles and ships (several hundred objects each), the
-detector with its decoder (2 layers, 1,000 queries) at stride 8. One step = forward, loss (all stages), backward,
+detector as `finetune.py --ckpt none` builds it by default (the dense head at stride 8 with the spatial prior, the
+centre-cell matcher); `--dec-layers 2` adds the decoder with 1,000 queries. One step = forward, loss (all stages), backward,
 AdamW step; the matcher calls inside the loss are timed on their own. The share of the step spent matching
 (goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch (the last layer's and the
 encoder stage's), the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver,
@@ -19,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import CLASSES  # noqa: E402
-from detector import Detector  # noqa: E402
+from finetune import build, get_parser  # noqa: E402
 from matcher import MinCostMatcher, assign_min_cost, detector_loss  # noqa: E402
-from model import build_vit  # noqa: E402
 from prepare import synth_image  # noqa: E402
 
 
@@ -29,8 +29,8 @@ class TimedMatcher(MinCostMatcher):
     """The default matcher, timing its calls; with `keep` set it also keeps their cost matrices (outside the
     timed steps: computing them again is not part of a step)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, **kw):
+        super().__init__(**kw)
         self.seconds, self.costs, self.keep = 0.0, [], False
 
     def __call__(self, *args):
@@ -38,7 +38,7 @@ class TimedMatcher(MinCostMatcher):
         out = super().__call__(*args)
         self.seconds += time.perf_counter() - t0
         if self.keep:
-            self.costs.append(self.cost(*args))
+            self.costs.append(self.cost(*args[:6]))  # (the 7th, k, is how many cells per GT: not a cost input)
         return out
 
 
@@ -62,20 +62,23 @@ def main():
     ap.add_argument('--patch-size', type=int, default=16, help='patch size (default: %(default)s)')
     ap.add_argument('--img-size', type=int, default=512, help='image side (default: %(default)s)')
     ap.add_argument('--batch-size', type=int, default=2, help='images per step (default: %(default)s)')
-    ap.add_argument('--dec-layers', type=int, default=2, help='decoder layers (default: %(default)s)')
+    ap.add_argument('--dec-layers', type=int, default=0, help="decoder layers (default: finetune.py's, "
+                                                              '%(default)s)')
     ap.add_argument('--steps', type=int, default=3, help='timed steps after one warm-up (default: %(default)s)')
     args = ap.parse_args()
     torch.manual_seed(0)
     x, targets = make_batch(args.batch_size, args.img_size)
     n_gt = [len(t['boxes']) for t in targets]
-    model = Detector(build_vit(args.model, args.patch_size), 15, 128, 8, args.dec_layers, num_queries=1000)
+    ft = get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size', str(args.patch_size),
+                                  '--dec-layers', str(args.dec_layers), '--num-queries', '1000'])  # else: defaults
+    model = build(ft)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    matcher = TimedMatcher()
+    matcher = TimedMatcher(method=ft.matcher, w_ctr=ft.match_centre)
     total = matching = 0.0
     for step in range(args.steps + 1):  # the first step warms up and is not timed
         matcher.seconds = 0.0
         t0 = time.perf_counter()
-        loss, _ = detector_loss(model(x), targets, matcher, cls_loss='varifocal')
+        loss, _ = detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -84,7 +87,7 @@ def main():
             matching += matcher.seconds
     matcher.keep = True  # one more forward and loss, untimed, for the matcher's cost matrices
     with torch.no_grad():
-        detector_loss(model(x), targets, matcher, cls_loss='varifocal')
+        detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
     print(f'{args.model} ViT/{args.patch_size}, {args.img_size}^2, batch {args.batch_size}, {args.dec_layers} decoder '
           f'layers, GT per image {n_gt}, {torch.get_num_threads()} threads: step {1e3 * total / args.steps:.0f} ms, '
           f'matching {1e3 * matching / args.steps:.0f} ms ({len(matcher.costs)} matcher calls per step)')

@@ -1,0 +1,23 @@
+"""The timing benchmarks run, and time the detector finetune.py builds by default (a bench nobody runs breaks
+silently: finetune_bench.py once did, when the matcher gained an argument)."""
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from conftest import ROOT
+
+
+def test_finetune_bench_times_the_default_detector_and_compares_the_matchers():
+    cmd = [sys.executable, ROOT / 'bench' / 'finetune_bench.py', '--model', 'test', '--img-size', '64',
+           '--batch-size', '2', '--steps', '1']
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert '0 decoder layers' in p.stdout and 'share of the step spent matching' in p.stdout
+
+
+def test_gpu_check_fine_tuning_step_runs_on_a_cpu():
+    sys.path.insert(0, str(ROOT / 'bench'))
+    import gpu_check
+    args = SimpleNamespace(model='test', img_size=64, batch_size=2, steps=1, warmup=1, device='cpu')
+    seconds, memory = gpu_check.measure_finetune(args, n_objects=5)
+    assert seconds > 0
