@@ -203,16 +203,20 @@ def test_peak_filter_starts_as_the_plain_head_and_learns_from_the_class_loss():
     det.zero_grad()
     det(x)['logits'].sum().backward()
     assert det.box.weight.grad is None or det.box.weight.grad.abs().sum() == 0
-    # a cell that is the 3 x 3 peak of the embedding reads 0 in the 'minus the maximum' input, its neighbours < 0
+    # a cell that is the 3 x 3 peak of the embedding reads 0 in the 'minus the maximum' input, its neighbours < 0:
+    # the filter's forward with weights that pass that input (its first channel) straight to class 0
     f = torch.zeros(1, 32, 5, 5)
     f[0, :, 2, 2] = 1.0
     with torch.no_grad():
-        det.peak.embed.weight.zero_()
-        det.peak.embed.weight[:, :, 1, 1] = 1.0
-        det.peak.embed.bias.zero_()
-        e = det.peak.embed(f)
-        below = e - torch.nn.functional.max_pool2d(e, 3, 1, 1)
-    assert below[0, 0, 2, 2] == 0 and below[0, 0, 2, 3] < 0 and below[0, 0, 1, 1] < 0
+        for m in (det.peak.embed, det.peak.mlp[0], det.peak.mlp[-1]):
+            m.weight.zero_()
+            m.bias.zero_()
+        det.peak.embed.weight[:, :, 1, 1] = 1.0  # e = the sum of the cell's channels: 32 at (2, 2), 0 elsewhere
+        e_dim = det.peak.embed.out_channels
+        det.peak.mlp[0].weight[0, e_dim, 0, 0] = 1 / 32  # inputs: e, e - max, offset; hidden 0 = (e - max)_0 / 32
+        det.peak.mlp[-1].weight[0, 0, 0, 0] = 1.0
+        y = det.peak(f, torch.zeros(1, 2, 5, 5))[0, 0]  # (5, 5): GELU(0) = 0 at the peak, GELU(-1) < 0 beside it
+    assert y[2, 2] == 0 and y[2, 3] < 0 and y[1, 1] < 0 and y[0, 0] == 0 and (y[1:4, 1:4] < 0).sum() == 8
 
 
 @pytest.mark.parametrize('patch,stride', [(8, 8), (16, 8), (8, 4)])
