@@ -66,7 +66,8 @@ def get_parser():
     ap.add_argument('--epochs', type=int, default=50, help='passes over the train split (default: %(default)s)')
     ap.add_argument('--time', type=float, default=None, help='a wall-clock budget in minutes: after each epoch the '
                     'number of epochs that fit (at the mean time per epoch so far, evaluations included) replaces '
-                    '--epochs and the lr schedule is re-spanned over it, as Ultralytics time= does (default: off)')
+                    '--epochs and the lr schedule is re-spanned over it, as Ultralytics time= does; a resumed run '
+                    'counts the time its checkpoint had spent (default: off)')
     ap.add_argument('--batch-size', type=int, default=16, help='images per step (default: %(default)s)')
     ap.add_argument('--lr', type=float, default=5e-4, help='peak AdamW learning rate (default: %(default)s)')
     ap.add_argument('--layer-decay', type=float, default=1.0,

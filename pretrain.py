@@ -63,8 +63,8 @@ def get_parser():
     a('--epochs', type=int, default=100, help='passes over the train split (default: %(default)s)')
     a('--time', type=float, default=None, help='a wall-clock budget in minutes: after each epoch the number of epochs '
                                                'that fit (at the mean time per epoch so far) replaces --epochs and '
-                                               'the lr, weight-decay and EMA schedules are re-spanned over it '
-                                               '(default: off)')
+                                               'the lr, weight-decay and EMA schedules are re-spanned over it; a '
+                                               'resumed run counts the time its checkpoint had spent (default: off)')
     a('--batch-size', type=int, default=64, help='images per micro-batch (default: %(default)s)')
     a('--accum', type=int, default=1, help='micro-batches per optimizer step (default: %(default)s)')
     a('--lr', type=float, default=5e-4, help='peak learning rate of AdamW (default: %(default)s)')
