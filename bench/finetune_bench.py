@@ -4,11 +4,11 @@
 
 A DOTA-like batch: synthetic images with rows of parked vehicles and ships (several hundred objects each), the
 detector as `finetune.py --ckpt none` builds it by default (the dense head at stride 8 with the spatial prior, the
-centre-cell matcher); `--dec-layers 2` adds the decoder with 1,000 queries. One step = forward, loss (all stages), backward,
-AdamW step; the matcher calls inside the loss are timed on their own. The share of the step spent matching
-(goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch (the last layer's and the
-encoder stage's), the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver,
-and the total cost of each (needs scipy, from requirements-dev.txt).
+centre-cell matcher); `--dec-layers 2` adds the decoder with 1,000 queries. One step = forward, loss (all stages),
+backward, AdamW step; the matcher calls inside the loss are timed on their own. The share of the step spent matching
+(goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch (the encoder stage's, and each
+decoder layer's), the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver, and
+the total cost of each (needs scipy, from requirements-dev.txt).
 """
 import argparse
 import sys

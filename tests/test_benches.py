@@ -15,9 +15,9 @@ def test_finetune_bench_times_the_default_detector_and_compares_the_matchers():
     assert '0 decoder layers' in p.stdout and 'share of the step spent matching' in p.stdout
 
 
-def test_gpu_check_fine_tuning_step_runs_on_a_cpu():
-    sys.path.insert(0, str(ROOT / 'bench'))
+def test_gpu_check_fine_tuning_step_runs_on_a_cpu(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))
     import gpu_check
     args = SimpleNamespace(model='test', img_size=64, batch_size=2, steps=1, warmup=1, device='cpu')
-    seconds, memory = gpu_check.measure_finetune(args, n_objects=5)
+    seconds, _ = gpu_check.measure_finetune(args, n_objects=5)
     assert seconds > 0
