@@ -21,15 +21,21 @@ PRESETS = {
 }
 
 
-def sincos_pos_embed(dim, grid_h, grid_w, device=None):
+def sincos_pos_embed(dim, grid_h, grid_w, device=None, offset=None):
     """Fixed 2D sin-cos position embedding (grid_h * grid_w, dim), row-major: half the channels encode the row,
-    half the column, each as sin/cos of the coordinate at dim/4 frequencies (as in MAE)."""
+    half the column, each as sin/cos of the coordinate at dim/4 frequencies (as in MAE). The coordinates are
+    absolute (0 .. grid-1); offset (B, 2) integer (row, column) shifts each image's grid, as if it were the window
+    at that position of a larger image -> (B, grid_h * grid_w, dim)."""
     assert dim % 4 == 0, f'embedding dim {dim} must be divisible by 4'
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim // 4))  # (dim/4,)
     ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64, device=device),
                             torch.arange(grid_w, dtype=torch.float64, device=device), indexing='ij')
-    out = [f(c.reshape(-1, 1) * omega) for c in (ys, xs) for f in (torch.sin, torch.cos)]  # 4 x (N, dim/4)
-    return torch.cat(out, 1).float()
+    ys, xs = ys.reshape(-1), xs.reshape(-1)  # (N,)
+    if offset is not None:
+        off = offset.to(device=device, dtype=torch.float64)
+        ys, xs = ys + off[:, :1], xs + off[:, 1:]  # (B, N)
+    out = [f(c[..., None] * omega) for c in (ys, xs) for f in (torch.sin, torch.cos)]  # 4 x ([B,] N, dim/4)
+    return torch.cat(out, -1).float()
 
 
 def drop_path(x, p, training):
@@ -110,22 +116,26 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         init_weights(self)
 
-    def forward(self, x, keep=None):
+    def embed(self, x, offset=None):
+        """x (B, 3, H, W) -> patch tokens plus their positions (B, N, D); offset: see sincos_pos_embed."""
+        H, W = x.shape[-2:]
+        pos = sincos_pos_embed(self.dim, H // self.patch_size, W // self.patch_size, x.device, offset)
+        return self.patch_embed(x) + pos
+
+    def forward(self, x, keep=None, offset=None):
         """x (B, 3, H, W); keep: optional (B, K) indices of the tokens to encode (context encoder: tokens are
-        dropped, not zeroed). -> (B, K or N, D)."""
-        B, _, H, W = x.shape
-        x = self.patch_embed(x) + sincos_pos_embed(self.dim, H // self.patch_size, W // self.patch_size, x.device)
+        dropped, not zeroed); offset: optional (B, 2) grid shift of the positions. -> (B, K or N, D)."""
+        x = self.embed(x, offset)
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, self.dim))  # drop after adding positions
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
-    def last_blocks(self, x, k):
+    def last_blocks(self, x, k, offset=None):
         """x (B, 3, H, W) -> the residual stream after each of the last k blocks (the last one through the final
         norm, as forward returns it), k x (B, N, D): data2vec's multi-layer targets."""
-        B, _, H, W = x.shape
-        x = self.patch_embed(x) + sincos_pos_embed(self.dim, H // self.patch_size, W // self.patch_size, x.device)
+        x = self.embed(x, offset)
         outs = []
         for i, blk in enumerate(self.blocks):
             x = blk(x)

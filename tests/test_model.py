@@ -45,6 +45,21 @@ def test_pos_embed_any_grid_distinct_rows():
     assert pe.shape == (35, 32) and torch.cdist(pe, pe).add(torch.eye(35)).min() > 0.1
 
 
+def test_pos_offset_gives_each_image_its_window_of_a_larger_grid():
+    big = sincos_pos_embed(32, 6, 8).view(6, 8, 32)
+    pe = sincos_pos_embed(32, 3, 4, offset=torch.tensor([[0, 0], [2, 3], [3, 4]]))  # (B, N, D)
+    assert pe.shape == (3, 12, 32)
+    for b, (oy, ox) in enumerate([(0, 0), (2, 3), (3, 4)]):
+        torch.testing.assert_close(pe[b], big[oy:oy + 3, ox:ox + 4].reshape(12, 32))
+    vit = build_vit('test', 8).eval()
+    x = torch.randn(2, 3, 24, 32)
+    torch.testing.assert_close(vit(x, offset=torch.zeros(2, 2, dtype=torch.long)), vit(x))
+    shifted = vit(x, offset=torch.tensor([[0, 0], [1, 2]]))
+    torch.testing.assert_close(shifted[0], vit(x)[0])
+    assert not torch.allclose(shifted[1], vit(x)[1])  # positions, not pixels, moved
+    torch.testing.assert_close(vit.last_blocks(x, 1, torch.tensor([[0, 0], [1, 2]]))[0], shifted)  # the targets
+
+
 def test_ema_moves_target_toward_online():
     online = build_vit('test', 8)
     target = copy.deepcopy(online)
