@@ -167,7 +167,8 @@ class DOTADataset(torch.utils.data.Dataset):
     smaller) and, with flips=True, a random element of the dihedral group (flips and 90 degree rotations).
     train=False: the whole image.
     Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, or with boxes='obb' (n, 5) cx, cy, w, h, theta,
-    'labels': (n,) int64, 'difficult': (n,) bool, 'name': str, 'size': (H, W)}).
+    'labels': (n,) int64, 'difficult': (n,) bool, 'name': str, 'size': (H, W), 'origin': (top, left) px of the
+    crop in its image, (0, 0) for a whole one: the ViT's patch positions (model.sincos_pos_embed) start there}).
     """
 
     def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True, boxes='hbb',
@@ -256,16 +257,16 @@ class DOTADataset(torch.utils.data.Dataset):
             side = self.img_size or 32
             img, t = torch.zeros((side, side, 3), dtype=torch.uint8), {k: v[:0] for k, v in t.items()}
         boxes, labels, diff = (torch.from_numpy(t[k]) for k in ('boxes', 'labels', 'difficult'))
-        target = {'name': self.files[i].stem}
+        target, origin = {'name': self.files[i].stem}, (0, 0)
         if self.train:
             if self.scale:
                 img, boxes = random_resize(img, boxes, self.scale, g)
-            img, boxes, keep = random_crop(img, boxes, self.img_size, g)
+            img, boxes, keep, origin = random_crop(img, boxes, self.img_size, g)
             labels, diff = labels[keep], diff[keep]
             if self.flips:
                 boxes, target['flips'] = random_dihedral(boxes, img.shape[:2], g)
         turned = 'flips' in target and bool(target['flips'][0])
-        target.update(boxes=boxes, labels=labels, difficult=diff,
+        target.update(boxes=boxes, labels=labels, difficult=diff, origin=origin[::-1] if turned else origin,
                       size=tuple(img.shape[1::-1] if turned else img.shape[:2]))  # (h, w) as the model will see it
         return img, target
 
@@ -287,7 +288,8 @@ def random_resize(img, boxes, scale, generator=None):
 
 def random_crop(img, boxes, size, generator=None):
     """A random window of at most size x size of img (H, W, 3), as a view (collate pads smaller ones); boxes are
-    shifted and clipped, and those left with less than 1 px of width or height are dropped (keep mask returned).
+    shifted and clipped, and those left with less than 1 px of width or height are dropped. -> window, boxes, keep
+    mask, (top, left) of the window.
     Oriented boxes (N, 5) that the window cuts become the minimum-area rectangle of their visible part."""
     h, w = img.shape[:2]
     top, left = (int(torch.randint(0, max(n - size, 0) + 1, (), generator=generator)) for n in (h, w))
@@ -299,11 +301,11 @@ def random_crop(img, boxes, size, generator=None):
         cut = poly_to_obb(clip_to_rect(poly, 0, 0, img.shape[1], img.shape[0]))
         b = np.where(inside[:, None], b - (left, top, 0, 0, 0), cut)
         keep = torch.from_numpy((b[:, 2] >= 1) & (b[:, 3] >= 1))
-        return img, torch.from_numpy(b).to(boxes.dtype)[keep], keep
+        return img, torch.from_numpy(b).to(boxes.dtype)[keep], keep, (top, left)
     limit = torch.tensor([img.shape[1], img.shape[0]] * 2, dtype=boxes.dtype)
     boxes = torch.minimum((boxes - torch.tensor([left, top] * 2, dtype=boxes.dtype)).clamp(min=0), limit)
     keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
-    return img, boxes[keep], keep
+    return img, boxes[keep], keep, (top, left)
 
 
 def random_dihedral(boxes, size, generator=None):

@@ -174,15 +174,16 @@ class Detector(nn.Module):
         out = {'logits': logits, 'boxes': boxes, 'centres': centres.expand(len(f), -1, -1), 'stride': self.stride}
         return out, (cxcy, wh, theta)
 
-    def forward(self, x):
-        """x (B, 3, H, W) normalized -> dict: logits (B, K, C), boxes (B, K, 4) xyxy px (obb: (B, K, 5) cx, cy, w, h,
-        theta; theta unwrapped, postprocess wraps it), centres (B, K, 2) (the cell
-        each prediction started from), stride; with decoder layers also 'aux' (the earlier layers' outputs) and
-        'dense' (the encoder stage, all M cells). Without, K = M and the encoder stage is the output. In training
-        with o2m = k > 0 also 'o2m': the one-to-many head's dense output (all M cells) and its 'topk' k."""
+    def forward(self, x, offset=None):
+        """x (B, 3, H, W) normalized; offset (B, 2) or None: where each crop starts in its tile, in patches (the
+        ViT's positions; data.py's 'origin') -> dict: logits (B, K, C), boxes (B, K, 4) xyxy px (obb: (B, K, 5) cx,
+        cy, w, h, theta; theta unwrapped, postprocess wraps it), centres (B, K, 2) (the cell each prediction started
+        from), stride; with decoder layers also 'aux' (the earlier layers' outputs) and 'dense' (the encoder stage,
+        all M cells). Without, K = M and the encoder stage is the output. In training with o2m = k > 0 also 'o2m':
+        the one-to-many head's dense output (all M cells) and its 'topk' k."""
         B, _, H, W = x.shape
         p = self.backbone.patch_size
-        f = self.backbone(x)  # (B, N, D)
+        f = self.backbone(x, offset=offset)  # (B, N, D)
         f = (f if self.adapt is None else self.adapt(f)).transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, h, w)
         f = self.neck(f)  # (B, Dh, h, w), h = H / stride
         if self.prior is not None:

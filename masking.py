@@ -119,16 +119,6 @@ def block_masking(B, grid_h, grid_w, generator=None, n_targets=4, target_scale=(
     return ctx.sort(1).values, tgt.sort(1).values
 
 
-def position_offsets(B, grid_h, grid_w, pos_grid, generator=None, rows=None):
-    """Where each crop sits in an imagined larger image of pos_grid x pos_grid patches: a uniform (row, column)
-    offset per image -> (B, 2) long, 0 .. pos_grid - grid. For ViT positions (model.sincos_pos_embed): pretraining on
-    crops smaller than the fine-tuning images then shows the encoder every position the detector will use."""
-    if pos_grid < max(grid_h, grid_w):
-        raise ValueError(f'a position grid of {pos_grid} patches is smaller than the {grid_h}x{grid_w} crop grid')
-    span = torch.tensor([pos_grid - grid_h + 1, pos_grid - grid_w + 1])
-    return (_rand((B, 2), generator, rows) * span).long().clamp(max=span - 1)
-
-
 def make_masks(mode, boxes, grid_h, grid_w, patch_size, mask_ratio=0.75, object_keep=0.25, generator=None,
                dilate=0.0, p_object=0.5, rows=None):
     """One call for pretrain.py -> context idx (B, Nc), target idx (B, M), target_is_object (B, M) bool, CPU.

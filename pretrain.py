@@ -9,11 +9,13 @@ One step: the EMA *target* encoder embeds the whole image (no grad) and its feat
 context tokens plus a mask token at every hidden position and predicts the target features there (--target
 latent), or the hidden patches' normalized pixels through a linear head (--target pixels: MAE's loss, no EMA
 needed); the loss is --loss (mse) over the hidden patches (--predict hidden) or the hidden object patches only
-(--predict objects). --target-layers 2 --target-norm instance makes the targets data2vec's: the mean of the last
-blocks' layer-normed outputs, each channel then standardized over the image (the per-image mean leaves the targets;
-on NWPU VHR-10 this gave the encoder a clearly better linear probe, RESULTS.md). Only the context encoder and
-predictor get gradients; the target encoder follows the context encoder by EMA, momentum rising linearly 0.996 ->
-1.0. Masking strategies: masking.py.
+(--predict objects). Both encoders place a crop's patches where it was cut from its tile (data.py's 'origin'): the
+sin-cos positions are absolute, and 256² crops placed at 0 would never show the encoder the positions 16-31 that a
+whole 512² tile gives the detector (RESULTS.md). --target-layers 2 --target-norm instance makes the targets
+data2vec's: the mean of the last blocks' layer-normed outputs, each channel then standardized over the image (the
+per-image mean leaves the targets; on NWPU VHR-10 this gave the encoder a clearly better linear probe, RESULTS.md).
+Only the context encoder and predictor get gradients; the target encoder follows the context encoder by EMA,
+momentum rising linearly 0.996 -> 1.0. Masking strategies: masking.py.
 
 Schedules (per optimizer step): lr linear warmup then cosine; weight decay cosine from --weight-decay (0.04) to
 --weight-decay-end (0.4), on weight matrices only (not biases, norms, tokens); gradient-norm clipping.
@@ -44,7 +46,7 @@ from tqdm import tqdm
 import runtime
 from data import CLASSES, DOTADataset, epoch_loader, to_input
 from prepare import resolve_data
-from masking import MODES, make_masks, position_offsets
+from masking import MODES, make_masks
 from probe import Probe, describe
 from model import PRESETS, Predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
@@ -60,13 +62,6 @@ def get_parser():
     a('--img-size', type=int, default=512, help='training crop side; objects keep their scale (default: %(default)s)')
     a('--strict', action='store_true', help='stop at a damaged image or a repaired label instead of skipping it '
                                             'with a counted warning')
-    a('--pos-size', type=int, default=None, help='the side of the images the encoder will be fine-tuned on, when '
-                                                 'larger than --img-size: each crop\'s patch positions are shifted '
-                                                 'by a random offset, as if it were a window of such an image, so '
-                                                 'that every position the detector uses is seen here (the sin-cos '
-                                                 'positions are absolute: 256² crops alone see grid positions '
-                                                 '0-15 of the 0-31 a 512² tile uses); the predictor\'s positions '
-                                                 'are not shifted (default: off)')
     a('--epochs', type=int, default=100, help='passes over the train split (default: %(default)s)')
     a('--time', type=float, default=None, help='a wall-clock budget in minutes: after each epoch the number of epochs '
                                                'that fit (at the mean time per epoch so far) replaces --epochs and '
@@ -148,7 +143,7 @@ def latent_targets(target, x, layers=1, norm='layer', offset=None):
     """The JEPA targets of x (B, 3, H, W) -> (B, N, D) float: the mean of the layer-normed outputs of the target
     encoder's last `layers` blocks (1: its output, I-JEPA; more: data2vec), then with norm='instance' each channel
     standardized over the image's tokens (data2vec): the per-image mean, which a predictor gets for free, leaves the
-    targets, and no channel dominates the loss by its spread alone. offset: the crops' position shifts (--pos-size)."""
+    targets, and no channel dominates the loss by its spread alone. offset: (B, 2) crop origins in patches."""
     hs = [target(x, offset=offset)] if layers == 1 else target.last_blocks(x, layers, offset)
     h = torch.stack([F.layer_norm(t.float(), t.shape[-1:]) for t in hs]).mean(0)  # (B, N, D)
     if norm == 'instance':
@@ -159,7 +154,7 @@ def latent_targets(target, x, layers=1, norm='layer', offset=None):
 def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse', patch_size=16,
               target_layers=1, target_norm='layer', offset=None):
     """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt); weight (B, Nt) or None (all hidden patches count);
-    offset (B, 2) or None: the grid shift of the positions of both encoders (--pos-size).
+    offset (B, 2) or None: where each crop starts in its tile, in patches (both encoders' positions).
     -> (loss, stats dict of detached tensors: target and prediction std across tokens, and mean_baseline: the loss
     that predicting each image's mean target at every hidden position would get; a loss not below it has learned
     nothing about *where* what is)."""
@@ -182,9 +177,6 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     ddp, rank, world, device = runtime.start(args.device)  # under torchrun: one process per GPU
     cuda = device.type == 'cuda'
-    if args.pos_size is not None and args.pos_size < args.img_size:
-        raise SystemExit(f'--pos-size {args.pos_size} is smaller than --img-size {args.img_size}: it is the side of '
-                         f'the larger images the crops stand for')
     main0 = rank == 0  # prints, logs and checkpoints
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -256,15 +248,14 @@ def main(argv=None):
                                                    args.mask_ratio, args.object_keep, gen, args.mask_dilate,
                                                    args.p_object, rows=(rank * B, (rank + 1) * B, world * B))
             weight = tgt_obj.to(device) if args.predict == 'objects' else None
-            offset = None if args.pos_size is None else position_offsets(
-                B, gh, gw, args.pos_size // args.patch_size, gen, (rank * B, (rank + 1) * B, world * B)).to(device)
+            offset = torch.tensor([t['origin'] for t in targets], dtype=torch.float32).to(device) / args.patch_size
             batch, seen = batch + 1, seen + B
             sync = batch % args.accum == 0  # DDP all-reduces gradients only on the last micro-batch of a step
             with model.no_sync() if ddp and not sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss, stats = jepa_loss(fwd_model, fwd_target, x, ctx_idx.to(device), tgt_idx.to(device), weight,
                                             args.target, args.loss, args.patch_size, args.target_layers,
-                                            args.target_norm, offset)
+                                            args.target_norm, offset=offset)
                 loss_value = loss.item()  # the one host sync of a micro-batch: check, sum and progress bar
                 if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
                     raise FloatingPointError(f'loss is {loss_value} at step {step} (epoch {epoch + 1}, batch '

@@ -235,16 +235,19 @@ def test_no_flips_keeps_orientation(tmp_path):
 def test_random_crop_keeps_scale_and_clips():
     img = torch.zeros(100, 80, 3, dtype=torch.uint8)
     img[40:60, 30:50] = 255
+    noise = torch.randint(0, 255, (100, 80, 3), dtype=torch.uint8)
     for seed in range(20):
         torch.manual_seed(seed)
-        out, boxes, keep = random_crop(img, torch.tensor([[30.0, 40, 50, 60]]), 48)
+        out, boxes, keep, (top, left) = random_crop(img, torch.tensor([[30.0, 40, 50, 60]]), 48)
+        torch.manual_seed(seed)
+        assert torch.equal(random_crop(noise, boxes, 48)[0], noise[top:top + 48, left:left + 48])  # the origin
         assert out.shape == (48, 48, 3)
         if keep.any():
             assert box_of(out) == boxes[0].tolist()
         else:
             assert out.sum() == 0
-    out, boxes, keep = random_crop(img[:20, :20], torch.tensor([[2.0, 3, 10, 12], [15, 15, 30, 30]]), 48)
-    assert out.shape == (20, 20, 3) and boxes.tolist() == [[2, 3, 10, 12], [15, 15, 20, 20]]  # smaller: as is
+    out, boxes, keep, origin = random_crop(img[:20, :20], torch.tensor([[2.0, 3, 10, 12], [15, 15, 30, 30]]), 48)
+    assert origin == (0, 0) and out.shape == (20, 20, 3) and boxes.tolist() == [[2, 3, 10, 12], [15, 15, 20, 20]]  # smaller: as is
 
 
 def test_random_resize_moves_boxes_with_pixels_and_stays_in_range():
@@ -306,3 +309,20 @@ def test_synthetic_is_deterministic_dota_format(tmp_path):
     assert len(names) >= 3 and names <= set(V1)
     img, _ = ds[0]
     assert img.shape == (96, 96, 3)
+
+
+def test_a_training_crop_knows_where_it_was_cut_and_a_whole_image_starts_at_zero(tmp_path):
+    make_synthetic(tmp_path, n_train=4, n_val=2, size=64, seed=3)
+    ds = DOTADataset(tmp_path, 'train', CLASSES['dota1.0'], 32, train=True)
+    origins = set()
+    for i in range(4):
+        full = torch.from_numpy(read_image(ds.files[i]))
+        for seed in range(8):
+            img, t = ds[(i, 8 * i + seed)]
+            turned = bool(t['flips'][0])
+            top, left = t['origin'][::-1] if turned else t['origin']  # a turn transposes the origin too
+            assert torch.equal(img, full[top:top + 32, left:left + 32])
+            origins.add(t['origin'])
+    assert len(origins) > 10 and all(0 <= v <= 32 for o in origins for v in o)
+    val = DOTADataset(tmp_path, 'val', CLASSES['dota1.0'], 32)
+    assert val[0][1]['origin'] == (0, 0) and val[0][0].shape[:2] == (64, 64)

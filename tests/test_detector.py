@@ -243,3 +243,14 @@ def test_near_negatives_weight_the_matched_cells_neighbours_for_its_class(cell, 
     parts = [detection_loss(out, t, None, cls_loss='varifocal', matches=match, w_near=w)[1]['cls'] for w in (0, 1)]
     # at p = 0.5 a negative costs 0.75 * 0.5^2 * log 2 (focal) or log 2 (plain): only the neighbours, only class 1
     assert float(parts[1] - parts[0]) == pytest.approx(n_near * (1 - 0.75 * 0.25) * math.log(2), rel=1e-5)
+
+
+def test_the_detector_places_a_crop_where_its_origin_says():
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 8), 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    zero = det(x, torch.zeros(2, 2))['logits']
+    torch.testing.assert_close(zero, det(x)['logits'])
+    moved = det(x, torch.tensor([[0.0, 0.0], [1.5, 2.0]]))['logits']  # fractional: a crop need not start on a patch
+    torch.testing.assert_close(moved[0], zero[0])
+    assert not torch.allclose(moved[1], zero[1])

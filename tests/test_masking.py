@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from masking import block_masking, make_masks, object_masking, object_patches, position_offsets, random_masking
+from masking import block_masking, make_masks, object_masking, object_patches, random_masking
 
 
 def check_partition(ctx, tgt, N, M):
@@ -118,12 +118,3 @@ def test_every_row_and_column_is_sometimes_hidden(mode):
     hit = hit.view(10, 12)
     assert (hit.sum(1) > 0).all() and (hit.sum(0) > 0).all()
 
-
-def test_position_offsets_reach_every_window_of_the_larger_grid():
-    g = torch.Generator().manual_seed(0)
-    off = position_offsets(2000, 4, 6, 8, g)  # a 4x6 crop in an 8x8 grid: rows 0..4, columns 0..2
-    assert off.shape == (2000, 2) and off.dtype == torch.long
-    assert set(off[:, 0].tolist()) == set(range(5)) and set(off[:, 1].tolist()) == set(range(3))
-    assert (position_offsets(3, 8, 8, 8, g) == 0).all()  # a crop the size of the grid is not shifted
-    with pytest.raises(ValueError, match='smaller than the 4x6 crop'):
-        position_offsets(2, 4, 6, 5, g)

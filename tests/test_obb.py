@@ -149,7 +149,8 @@ def test_random_crop_cuts_oriented_boxes_to_their_visible_part():
     for seed in range(30):
         g = torch.Generator().manual_seed(seed)
         top, left = (int(torch.randint(0, max(n - 40, 0) + 1, (), generator=g)) for n in (40, 80))  # as it draws
-        out, got, keep = random_crop(img, boxes, 40, torch.Generator().manual_seed(seed))
+        out, got, keep, origin = random_crop(img, boxes, 40, torch.Generator().manual_seed(seed))
+        assert origin == (top, left)
         assert out.shape[:2] == (40, 40)
         corners = obb_to_poly(boxes.numpy()) - (left, top)
         inside = ((corners >= 0) & (corners <= 40)).all((1, 2))

@@ -30,7 +30,6 @@ def run(synth, out, *extra):
     ['--mask', 'random', '--target', 'pixels'],
     ['--mask', 'mixed', '--loss', 'smooth_l1', '--accum', '2'],
     ['--mask', 'block'],
-    ['--pos-size', '64'],
 ])
 def test_every_strategy_runs_and_logs(synth, tmp_path, flags):
     log = run(synth, tmp_path, *flags)
@@ -139,7 +138,7 @@ def test_mean_baseline_is_the_loss_of_predicting_each_images_mean_target():
     x = torch.randn(2, 3, 32, 32)
     ctx, tgt = torch.tensor([[0, 1], [3, 4]]), torch.tensor([[5, 7, 9], [2, 11, 15]])
 
-    def mean_student(x, ctx_idx, tgt_idx, offset=None):  # the per-image mean of the layer-normed targets, at every position
+    def mean_student(x, ctx_idx, tgt_idx, offset=None):  # each image's mean layer-normed target, everywhere
         h = F.layer_norm(target(x), (target.dim,))
         h = h.gather(1, tgt_idx[..., None].expand(-1, -1, h.shape[-1]))
         return h.mean(1, keepdim=True).expand_as(h)
@@ -173,9 +172,17 @@ def test_time_budget_stops_pretraining_when_spent(synth, tmp_path):
     assert ck['epoch'] == 1 and ck['args']['epochs'] == 1
 
 
-def test_pos_size_shifts_the_positions_and_must_not_be_smaller_than_the_crop(synth, tmp_path):
-    plain = run(synth, tmp_path / 'plain', '--max-steps', 2)
-    shifted = run(synth, tmp_path / 'shifted', '--max-steps', 2, '--pos-size', 64)
-    assert plain[0]['loss'] != shifted[0]['loss']  # the same images and weights, other positions
-    with pytest.raises(SystemExit, match='--pos-size 16 is smaller than --img-size 32'):
-        run(synth, tmp_path / 'bad', '--pos-size', 16)
+
+def test_both_encoders_place_each_crop_where_it_was_cut(tmp_path, monkeypatch):
+    root = tmp_path / 'big'
+    make_synthetic(root, n_train=8, n_val=1, size=64, seed=2)  # 64^2 images, 32^2 crops: origins 0..32 px
+    seen, jepa_loss = [], pretrain.jepa_loss
+
+    def spy(*a, **kw):
+        seen.append(kw['offset'])
+        return jepa_loss(*a, **kw)
+    monkeypatch.setattr(pretrain, 'jepa_loss', spy)
+    run(root, tmp_path / 'out')
+    offsets = torch.cat(seen)  # (steps * B, 2), in patches of 8 px
+    assert offsets.shape == (16, 2) and offsets.min() >= 0 and offsets.max() <= 4 and offsets.max() > 0
+    assert len({tuple(o) for o in offsets.tolist()}) > 4  # drawn, not fixed
