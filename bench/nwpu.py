@@ -15,7 +15,8 @@ Rows (each fine-tunes the same detector with the same recipe and is scored on va
     pixels-random       MAE-style: random masking, normalized pixels as targets
     scratch-frozen      random backbone frozen, the head alone trained: what random features are worth
     jepa-object-frozen  jepa-object's pretrained backbone frozen: what its features are worth
-Pretraining (--pretrain-*: crops of --pretrain-img-size from the train tiles, many short steps) runs once per row and
+Pretraining (--pretrain-*: crops of --pretrain-img-size from the train tiles, each at its position in the tile, many
+short steps) runs once per row and
 is cached: OUT/<row>/pretrain holds last.pt, log.jsonl (loss, mean_baseline) and done.json (its command and
 minutes); a rerun or another row that asks for the same pretraining reuses it. Budgets (--budget):
     epochs  every row fine-tunes for --epochs (pretraining amortized, as self-supervised papers report it)
@@ -32,8 +33,9 @@ Before the detector had its convolutional spatial prior (finetune.py's default s
 blocks slowed fine-tuning down and the benchmark kept only the patch embedding ('--reinit-blocks 4'); with the prior
 the whole encoder starts fastest, and with finetune.py's layer decay off (its default since 2026-12-01) it ends ahead
 of scratch (RESULTS.md).
-Caching is by command line and the flags it resolves to (defaults included): a change of a script's defaults reruns
-what it changes; a change of its code does not (use a fresh OUT, or delete OUT/<row>/done.json).
+Caching is by command line, the flags it resolves to (defaults included) and CODE_VERSION: a change of a script's
+defaults reruns what it changes; a change of its code only when CODE_VERSION is bumped (else use a fresh OUT, or
+delete OUT/<row>/done.json).
 
 Each step is a plain command, printed before it runs (its output to OUT/<row>/*.log): any row reruns by hand.
 OUT/<row>/finetune/best.pt is a normal finetune.py checkpoint (best val mAP50) for evaluate.py --ckpt.
@@ -51,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, for their parsers
 from ablation import ROOT, print_table, run  # noqa: E402
 
+# Bumped when a change of the scripts' code (not their flags) changes what a cached step would produce, so that an
+# old OUT reruns it. 2: crops keep their position in the tile (data.py 'origin', 2026-12-01).
+CODE_VERSION = 2
 PRETRAIN = {'jepa-object': ['--mask', 'object'], 'jepa-random': ['--mask', 'random'],
             'pixels-random': ['--mask', 'random', '--target', 'pixels']}
 ROWS = ['scratch', 'jepa-object', 'jepa-random', 'pixels-random', 'scratch-frozen', 'jepa-object-frozen']
@@ -74,15 +79,16 @@ def resolved(cmd):
 
 
 def cached(folder, cmd, log):
-    """Run `cmd` (a list) unless folder/done.json records the same command resolving to the same flags (so a change
-    of a script's defaults reruns it; a change of its code does not). -> its minutes (the first run's)."""
+    """Run `cmd` (a list) unless folder/done.json records the same command resolving to the same flags under the
+    same CODE_VERSION (so a change of a script's defaults reruns it; a change of its code only when CODE_VERSION is
+    bumped). -> its minutes (the first run's)."""
     done, key, flags = folder / 'done.json', [str(c) for c in cmd], resolved(cmd)
     record = json.loads(done.read_text()) if done.exists() else {}
-    if record.get('cmd') == key and record.get('args') == flags:
-        print(f'# reused {folder} (same command, same defaults)')
+    if record.get('cmd') == key and record.get('args') == flags and record.get('version', 1) == CODE_VERSION:
+        print(f'# reused {folder} (same command, same defaults, same code version)')
         return record['minutes']
     minutes = run(log, *cmd) / 60
-    done.write_text(json.dumps({'cmd': key, 'args': flags, 'minutes': minutes}))
+    done.write_text(json.dumps({'cmd': key, 'args': flags, 'version': CODE_VERSION, 'minutes': minutes}))
     return minutes
 
 

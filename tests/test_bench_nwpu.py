@@ -50,7 +50,7 @@ def test_the_real_set_cuts_into_the_documented_half_resolution_tiles(nwpu, tmp_p
     assert 20 < np.median(side) < 45  # DOTA-small at half resolution, as SOURCE.md says (~32 px)
 
 
-def test_the_cache_reruns_a_step_whose_defaults_changed(tmp_path, monkeypatch):
+def test_the_cache_reruns_a_step_whose_defaults_or_code_version_changed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / 'bench'))  # not left on sys.path for the other tests
     import nwpu
     calls = []
@@ -64,3 +64,8 @@ def test_the_cache_reruns_a_step_whose_defaults_changed(tmp_path, monkeypatch):
     (tmp_path / 'done.json').write_text(json.dumps(record))
     nwpu.cached(tmp_path, cmd, tmp_path / 'log')
     assert len(calls) == 2  # same command line, other defaults: run again
+    record = json.loads((tmp_path / 'done.json').read_text())
+    del record['version']  # as if it had run before the code changed (records without a version are version 1)
+    (tmp_path / 'done.json').write_text(json.dumps(record))
+    nwpu.cached(tmp_path, cmd, tmp_path / 'log')
+    assert len(calls) == 3
