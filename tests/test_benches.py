@@ -21,3 +21,19 @@ def test_gpu_check_fine_tuning_step_runs_on_a_cpu(monkeypatch):
     args = SimpleNamespace(model='test', img_size=64, batch_size=2, steps=1, warmup=1, device='cpu')
     seconds, _ = gpu_check.measure_finetune(args, n_objects=5)
     assert seconds > 0
+
+
+def test_positions_bench_moves_only_the_positions(tmp_path, monkeypatch):
+    import pretrain
+    from prepare import make_synthetic
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))
+    import positions
+    make_synthetic(tmp_path / 'data', n_train=8, n_val=2, size=32, seed=1)
+    pretrain.main(['--data', str(tmp_path / 'data'), '--model', 'test', '--img-size', '16', '--patch-size', '8',
+                   '--batch-size', '4', '--epochs', '1', '--workers', '0', '--device', 'cpu', '--out',
+                   str(tmp_path / 'pre')])
+    common = ['--ckpt', str(tmp_path / 'pre' / 'last.pt'), '--data', str(tmp_path / 'data'), '--crop', '16']
+    same = positions.main(common + ['--shift', '0'])
+    assert same['at_0'] == same['shifted'] > 0  # the same pixels and masks: only the positions may differ
+    moved = positions.main(common)  # shifted by 2 patches
+    assert moved['at_0'] == same['at_0'] and moved['shifted'] != moved['at_0']
