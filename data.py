@@ -168,7 +168,8 @@ class DOTADataset(torch.utils.data.Dataset):
     train=False: the whole image.
     Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, or with boxes='obb' (n, 5) cx, cy, w, h, theta,
     'labels': (n,) int64, 'difficult': (n,) bool, 'name': str, 'size': (H, W), 'origin': (top, left) px of the
-    crop in its image, (0, 0) for a whole one: the ViT's patch positions (model.sincos_pos_embed) start there}).
+    crop in its image, (0, 0) for a whole one: the ViT's patch positions (model.sincos_pos_embed) start there, so a
+    model trained on crops has seen every position of the whole tiles; a turn swaps it, flips do not move it}).
     """
 
     def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True, boxes='hbb',
