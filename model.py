@@ -168,12 +168,13 @@ class Predictor(nn.Module):
         init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, ctx, ctx_idx, tgt_idx, grid_h, grid_w):
-        """ctx (B, Nc, enc_dim) context-encoder output; ctx_idx (B, Nc), tgt_idx (B, Nt) token indices.
+    def forward(self, ctx, ctx_idx, tgt_idx, grid_h, grid_w, offset=None):
+        """ctx (B, Nc, enc_dim) context-encoder output; ctx_idx (B, Nc), tgt_idx (B, Nt) token indices; offset
+        (B, 2) or None: the encoders' position shift, so that a mask token sits where its target was encoded.
         -> (B, Nt, out_dim) predictions at the target positions."""
-        pos = sincos_pos_embed(self.dim, grid_h, grid_w, ctx.device)  # (N, dim)
-        x = self.embed(ctx) + pos[ctx_idx]  # (B, Nc, dim)
-        m = self.mask_token + pos[tgt_idx]  # (B, Nt, dim)
+        pos = sincos_pos_embed(self.dim, grid_h, grid_w, ctx.device, offset).expand(len(ctx), -1, -1)  # (B, N, dim)
+        x = self.embed(ctx) + pos.gather(1, ctx_idx[..., None].expand(-1, -1, self.dim))  # (B, Nc, dim)
+        m = self.mask_token + pos.gather(1, tgt_idx[..., None].expand(-1, -1, self.dim))  # (B, Nt, dim)
         x = torch.cat([x, m], 1)
         for blk in self.blocks:
             x = blk(x)

@@ -136,7 +136,7 @@ class Student(nn.Module):
         the targets."""
         p = self.context.patch_size
         z = self.context(x, ctx_idx, offset)  # (B, Nc, D): visible tokens only
-        return self.predictor(z, ctx_idx, tgt_idx, x.shape[-2] // p, x.shape[-1] // p)
+        return self.predictor(z, ctx_idx, tgt_idx, x.shape[-2] // p, x.shape[-1] // p, offset)
 
 
 def latent_targets(target, x, layers=1, norm='layer', offset=None):

@@ -86,6 +86,10 @@ def test_predictor_shape_and_position_dependence():
     out = pred(ctx, ctx_idx, torch.tensor([[5, 6, 7], [8, 9, 10]]), 4, 4)
     assert out.shape == (2, 3, 32)
     assert not torch.allclose(out[0], out[1])  # same context, different target positions
+    big = lambda i: (i // 4 + 1) * 7 + i % 4 + 2  # noqa: E731  index in a 6 x 7 grid of the 4 x 4 grid at (1, 2)
+    tgt_idx = torch.tensor([[5, 6, 7], [8, 9, 15]])
+    shifted = pred(ctx, ctx_idx, tgt_idx, 4, 4, offset=torch.tensor([[1, 2]] * 2))  # mask tokens where the encoders
+    torch.testing.assert_close(shifted, pred(ctx, big(ctx_idx), big(tgt_idx), 6, 7))  # put their targets
 
 
 def test_a_few_pretrain_steps_lower_the_loss_on_a_fixed_batch():
