@@ -24,8 +24,8 @@ PRESETS = {
 def sincos_pos_embed(dim, grid_h, grid_w, device=None, offset=None):
     """Fixed 2D sin-cos position embedding (grid_h * grid_w, dim), row-major: half the channels encode the row,
     half the column, each as sin/cos of the coordinate at dim/4 frequencies (as in MAE). The coordinates are
-    absolute (0 .. grid-1); offset (B, 2) integer (row, column) shifts each image's grid, as if it were the window
-    at that position of a larger image -> (B, grid_h * grid_w, dim)."""
+    absolute (0 .. grid-1); offset (B, 2) (row, column) in patches, fractions allowed, shifts each image's grid, as
+    if it were the window at that position of a larger image -> (B, grid_h * grid_w, dim)."""
     assert dim % 4 == 0, f'embedding dim {dim} must be divisible by 4'
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim // 4))  # (dim/4,)
     ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64, device=device),
