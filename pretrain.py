@@ -9,13 +9,13 @@ One step: the EMA *target* encoder embeds the whole image (no grad) and its feat
 context tokens plus a mask token at every hidden position and predicts the target features there (--target
 latent), or the hidden patches' normalized pixels through a linear head (--target pixels: MAE's loss, no EMA
 needed); the loss is --loss (mse) over the hidden patches (--predict hidden) or the hidden object patches only
-(--predict objects). Both encoders and the predictor place a crop's patches where it was cut from its tile (data.py's
-'origin'): the sin-cos positions are absolute, and 256² crops placed at 0 would never show the encoder the positions
-16-31 that a whole 512² tile gives the detector (RESULTS.md). --target-layers 2 --target-norm instance makes the targets
-data2vec's: the mean of the last blocks' layer-normed outputs, each channel then standardized over the image (the
-per-image mean leaves the targets; on NWPU VHR-10 this gave the encoder a clearly better linear probe, RESULTS.md).
-Only the context encoder and predictor get gradients; the target encoder follows the context encoder by EMA,
-momentum rising linearly 0.996 -> 1.0. Masking strategies: masking.py.
+(--predict objects). Both encoders and the predictor place a crop's patches where it was cut from its tile
+(data.py's 'origin'): the sin-cos positions are absolute, and 256² crops placed at 0 would never show the encoder
+the positions 16-31 that a whole 512² tile gives the detector (RESULTS.md). --target-layers 2 --target-norm instance
+makes the targets data2vec's: the mean of the last blocks' layer-normed outputs, each channel then standardized over
+the image (the per-image mean leaves the targets; on NWPU VHR-10 this gave the encoder a clearly better linear
+probe, RESULTS.md). Only the context encoder and predictor get gradients; the target encoder follows the context
+encoder by EMA, momentum rising linearly 0.996 -> 1.0. Masking strategies: masking.py.
 
 Schedules (per optimizer step): lr linear warmup then cosine; weight decay cosine from --weight-decay (0.04) to
 --weight-decay-end (0.4), on weight matrices only (not biases, norms, tokens); gradient-norm clipping.
