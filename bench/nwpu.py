@@ -17,7 +17,8 @@ Rows (each fine-tunes the same detector with the same recipe and is scored on va
     jepa-object-frozen  jepa-object's pretrained backbone frozen: what its features are worth
 Pretraining (--pretrain-*: crops of --pretrain-img-size from the train tiles, each at its position in the tile, many
 short steps) runs once per row and is cached: OUT/<row>/pretrain holds last.pt, log.jsonl (loss, mean_baseline) and
-done.json (its command and minutes); a rerun or another row that asks for the same pretraining reuses it. Budgets (--budget):
+done.json (its command and minutes); a rerun or another row that asks for the same pretraining reuses it.
+Budgets (--budget):
     epochs  every row fine-tunes for --epochs (pretraining amortized, as self-supervised papers report it)
     total   a pretrained row fine-tunes for --epochs minus the fine-tuning epochs its pretraining minutes would
             have bought (the scratch row's measured minutes per epoch): row name <row>@total, OUT/<row>@total/
