@@ -117,4 +117,3 @@ def test_every_row_and_column_is_sometimes_hidden(mode):
         hit += torch.zeros(8, 120).scatter_(1, tgt, 1.0).sum(0)
     hit = hit.view(10, 12)
     assert (hit.sum(1) > 0).all() and (hit.sum(0) > 0).all()
-
