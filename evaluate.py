@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data import CLASSES, make_loader, to_input
+from data import make_loader, to_input
+from labels import CLASSES
 from prepare import resolve_data
 from metrics import ERROR_KINDS, SIZE_BINS, error_breakdown, evaluate_coco, evaluate_dota
 from obb import obb_to_poly

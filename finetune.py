@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import runtime
-from data import CLASSES, DOTADataset, epoch_loader, make_loader, to_input
+from data import DOTADataset, crop_offsets, epoch_loader, make_loader, to_input
+from labels import CLASSES
 from evaluate import plot_results, run_eval
 from detector import Detector
 from matcher import MinCostMatcher, detector_loss
@@ -224,8 +225,8 @@ def whiten_init(model, ds, n, args, device):
     model.eval()
     feats, seen = [], 0
     for images, targets in epoch_loader(ds, args.batch_size, args.patch_size, 0, args.seed, 0):
-        origin = torch.tensor([t['origin'] for t in targets], dtype=torch.float32, device=device) / args.patch_size
-        feats.append(model.backbone(to_input(images, targets, device), offset=origin).flatten(0, 1).double().cpu())
+        offset = crop_offsets(targets, args.patch_size, device)  # (B, 2)
+        feats.append(model.backbone(to_input(images, targets, device), offset=offset).flatten(0, 1).double().cpu())
         seen += len(images)
         if seen >= n:
             break
@@ -335,8 +336,7 @@ def main(argv=None):
                 dist.all_reduce(n_gt)
                 n_gt /= world
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                origin = torch.tensor([t['origin'] for t in targets], dtype=torch.float32) / args.patch_size  # (B, 2)
-                out = fwd(to_input(images, targets, device), origin.to(device))
+                out = fwd(to_input(images, targets, device), crop_offsets(targets, args.patch_size, device))
                 loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss, num_gt=n_gt,
                                             w_near=args.near_negatives)
             loss_value = loss.item()  # one host sync per step: check and progress bar

@@ -146,7 +146,8 @@ def show(args):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from data import CLASSES, collate, DOTADataset, orient
+    from data import collate, DOTADataset, orient
+    from labels import CLASSES
     from prepare import resolve_data
     torch.manual_seed(args.seed)
     ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True)

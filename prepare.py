@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-from data import CLASSES, IMG_EXTS, LabelError, Problems, load_labels, read_image
+from labels import CLASSES, IMG_EXTS, LabelError, Problems, load_labels, read_image
 from metrics import SIZE_BINS
 from obb import clip_to_rect, obb_to_poly, poly_to_obb, polygon_area
 
@@ -297,7 +297,7 @@ def inspect_image(path):
     with im:
         try:
             im.load()  # the full decode: a truncated or corrupt file fails only here
-        except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for them (as data.read_image)
+        except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for them (as labels.read_image)
             return f'{path}: cannot read the image ({e})', None, None
         fmt, size = im.format, im.size
     note = None if fmt == FORMATS.get(path.suffix.lower()) else f'{path}: {fmt} data in a {path.suffix} file'

@@ -44,7 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import runtime
-from data import CLASSES, DOTADataset, epoch_loader, to_input
+from data import DOTADataset, crop_offsets, epoch_loader, to_input
+from labels import CLASSES
 from prepare import resolve_data
 from masking import MODES, make_masks
 from probe import Probe, describe
@@ -248,7 +249,7 @@ def main(argv=None):
                                                    args.mask_ratio, args.object_keep, gen, args.mask_dilate,
                                                    args.p_object, rows=(rank * B, (rank + 1) * B, world * B))
             weight = tgt_obj.to(device) if args.predict == 'objects' else None
-            offset = torch.tensor([t['origin'] for t in targets], dtype=torch.float32).to(device) / args.patch_size
+            offset = crop_offsets(targets, args.patch_size, device)  # (B, 2) where each crop sits in its tile
             batch, seen = batch + 1, seen + B
             sync = batch % args.accum == 0  # DDP all-reduces gradients only on the last micro-batch of a step
             with model.no_sync() if ddp and not sync else contextlib.nullcontext():

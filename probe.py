@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import CLASSES, make_loader, to_input
+from data import make_loader, to_input
+from labels import CLASSES
 from model import build_vit
 from prepare import resolve_data
 

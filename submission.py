@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import LabelError, parse_label_file, parse_tile_name
+from labels import LabelError, parse_label_file, parse_tile_name
 from obb import poly_iou_matrix
 
 COLUMNS = {1: 8, 2: 4}  # task -> box numbers per line

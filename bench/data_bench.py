@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import CLASSES, Loader, collate, make_loader, orient  # noqa: E402
+from data import Loader, collate, make_loader, orient  # noqa: E402
+from labels import CLASSES  # noqa: E402
 from prepare import split, synth_image  # noqa: E402
 
 

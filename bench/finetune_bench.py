@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import CLASSES  # noqa: E402
+from labels import CLASSES  # noqa: E402
 from finetune import build, get_parser  # noqa: E402
 from matcher import MinCostMatcher, assign_min_cost, detector_loss  # noqa: E402
 from prepare import synth_image  # noqa: E402

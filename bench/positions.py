@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import CLASSES, DOTADataset, collate, to_input  # noqa: E402
+from data import DOTADataset, collate, to_input  # noqa: E402
+from labels import CLASSES  # noqa: E402
 from masking import random_masking  # noqa: E402
 from model import PRESETS, Predictor, build_vit  # noqa: E402
 from pretrain import Student, latent_targets  # noqa: E402

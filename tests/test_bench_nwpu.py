@@ -6,7 +6,8 @@ import sys
 import numpy as np
 
 from conftest import ROOT
-from data import CLASSES, DOTADataset
+from data import DOTADataset
+from labels import CLASSES
 from prepare import make_synthetic
 
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from data import CLASSES, DOTADataset, LabelError
+from data import DOTADataset
+from labels import CLASSES, LabelError
 from prepare import check
 
 V1 = CLASSES['dota1.0']

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (CLASSES, DOTADataset, LabelError, Loader, Problems, collate, load_labels, orient,
-                  parse_label_file, parse_tile_name, random_crop, random_dihedral, random_resize, read_image, to_input)
+from data import DOTADataset, Loader, collate, orient, random_crop, random_dihedral, random_resize, to_input
+from labels import CLASSES, LabelError, Problems, load_labels, parse_label_file, parse_tile_name, read_image
 from prepare import make_synthetic
 
 V1 = CLASSES['dota1.0']

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import CLASSES, DOTADataset, collate, to_input
+from data import DOTADataset, collate, to_input
+from labels import CLASSES
 from detector import Detector, postprocess
 from matcher import MinCostMatcher, assign_min_cost, assign_top_k, detection_loss, detector_loss, giou
 from metrics import evaluate_coco

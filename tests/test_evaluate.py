@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, dets, gts
-from data import CLASSES, LabelError, parse_label_file
+from labels import CLASSES, LabelError, parse_label_file
 from submission import merge_tiles, nms, read_labels, read_submission, write_submission
 from metrics import box_iou, evaluate_coco, evaluate_dota
 from prepare import split

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data import CLASSES, DOTADataset, Loader, epoch_loader, to_input
+from data import DOTADataset, Loader, epoch_loader, to_input
+from labels import CLASSES
 from detector import Detector
 from matcher import MinCostMatcher, assign_min_cost
 from finetune import layer_decay_parts, shared_centre_share

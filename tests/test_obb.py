@@ -10,7 +10,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import ROOT
-from data import CLASSES, DOTADataset, collate, orient, random_crop, random_dihedral, to_input
+from data import DOTADataset, collate, orient, random_crop, random_dihedral, to_input
+from labels import CLASSES
 from detector import Detector, postprocess
 from matcher import MinCostMatcher, detector_loss, probiou
 from metrics import evaluate_coco, evaluate_dota

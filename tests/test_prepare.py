@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from data import CLASSES, DOTADataset, LabelError, parse_label_file, parse_tile_name, read_image
+from data import DOTADataset
+from labels import CLASSES, LabelError, parse_label_file, parse_tile_name, read_image
 from obb import clip_to_rect, obb_to_poly, poly_to_obb, polygon_area, polygon_iou
 from prepare import check, split, synth_image, windows
 
