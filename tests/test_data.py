@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DOTADataset, Loader, collate, orient, random_crop, random_dihedral, random_resize, to_input
+from data import (DOTADataset, Loader, collate, crop_offsets, orient, random_crop, random_dihedral, random_resize,
+                  to_input)
 from labels import CLASSES, LabelError, Problems, load_labels, parse_label_file, parse_tile_name, read_image
 from prepare import make_synthetic
 
@@ -327,3 +328,6 @@ def test_a_training_crop_knows_where_it_was_cut_and_a_whole_image_starts_at_zero
     assert len(origins) > 10 and all(0 <= v <= 32 for o in origins for v in o)
     val = DOTADataset(tmp_path, 'val', CLASSES['dota1.0'], 32)
     assert val[0][1]['origin'] == (0, 0) and val[0][0].shape[:2] == (64, 64)
+    # the model's offset: (top, left) in patches, fractional where a crop starts inside a patch
+    offsets = crop_offsets([{'origin': (16, 40)}, {'origin': (0, 0)}, {'origin': (3, 8)}], 16, 'cpu')
+    assert offsets.dtype == torch.float32 and offsets.tolist() == [[1.0, 2.5], [0.0, 0.0], [0.1875, 0.5]]
