@@ -32,7 +32,7 @@ class DOTADataset(torch.utils.data.Dataset):
 
     train=True: with scale=s > 0 a random resize by a factor drawn uniformly from [1 - s, 1 + s] (YOLO's scale
     augmentation: objects seen at other sizes), a random crop to img_size (padded with zeros when the image is
-    smaller) and, with flips=True, a random element of the dihedral group (flips and 90 degree rotations).
+    smaller; inside a padded tile's image part, which a `prepare.py split` manifest records) and, with flips=True, a random element of the dihedral group (flips and 90 degree rotations).
     train=False: the whole image.
     Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, or with boxes='obb' (n, 5) cx, cy, w, h, theta,
     'labels': (n,) int64, 'difficult': (n,) bool, 'name': str, 'size': (H, W), 'origin': (top, left) px of the
@@ -51,7 +51,7 @@ class DOTADataset(torch.utils.data.Dataset):
         self.strict, self.damaged = strict, []  # images that failed to decode during training (paths)
         folder = Path(root) / split
         if (folder / 'manifest.json').exists():  # written by `prepare.py split`: one file instead of one per tile
-            self.files, self.targets = self._from_manifest(folder / 'manifest.json')
+            self.files, self.targets, self.content = self._from_manifest(folder / 'manifest.json')
             return
         img_dir, lbl_dir = folder / 'images', folder / 'labelTxt'
         self.files = sorted(p for p in img_dir.glob('*') if p.suffix.lower() in IMG_EXTS)
@@ -76,20 +76,21 @@ class DOTADataset(torch.utils.data.Dataset):
                 problems.add('image without a label file (no objects)', str(f))
                 boxes, labels, diff = np.zeros((0, self.ndim), np.float32), np.zeros(0, np.int64), np.zeros(0, int)
             self.targets.append({'boxes': boxes, 'labels': labels, 'difficult': diff > 0})
-        self.files = readable
+        self.files, self.content = readable, [None] * len(readable)  # content: see _from_manifest
         for kind, n in problems.counts.items():
             warnings.warn(f'{folder}: {n} x {kind}, e.g. {problems.places[kind][0]}')
 
     def _from_manifest(self, path):
         m = json.loads(path.read_text())
         index = {name: i for i, name in enumerate(self.class_names)}
-        files, targets = [], []
+        files, targets, content = [], [], []
         for t in m['tiles']:
             unknown = set(t.get('labels', [])) - set(index)
             if unknown:
                 raise LabelError(f'{path}: tile {t["name"]} has classes {sorted(unknown)} that are not in the class '
                                  f'list ({len(self.class_names)} classes); pass the --classes it was split with')
             files.append(path.parent / t['file'])
+            content.append(tuple(t['content'][::-1]) if 'content' in t else None)  # (h, w) of a padded tile's image
             if self.kind == 'obb' and t.get('labels') and 'polys' not in t:
                 raise LabelError(f'{path}: tile {t["name"]} has no polygons (a manifest of an older split); split '
                                  'the images again for oriented boxes')
@@ -98,7 +99,7 @@ class DOTADataset(torch.utils.data.Dataset):
             targets.append({'boxes': np.asarray(boxes, np.float32).reshape(-1, self.ndim),
                             'labels': np.asarray([index[c] for c in t.get('labels', [])], np.int64),
                             'difficult': np.asarray(t.get('difficult', []), np.int64).reshape(-1) > 0})
-        return files, targets
+        return files, targets, content
 
     @property
     def ndim(self):
@@ -112,7 +113,7 @@ class DOTADataset(torch.utils.data.Dataset):
         and epoch in its own thread, so runs are reproducible whatever the thread timing); else the global RNG."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         g = None if seed is None else torch.Generator().manual_seed(seed)
-        t = self.targets[i]
+        t, within = self.targets[i], self.content[i]  # within: (h, w) of a padded tile's image part, or None
         try:
             with warnings.catch_warnings():  # the array is read-only: fine, nothing here writes to it
                 warnings.simplefilter('ignore', UserWarning)
@@ -124,13 +125,15 @@ class DOTADataset(torch.utils.data.Dataset):
             warnings.warn(f'{e}; used as an empty image without objects ({len(self.damaged)} damaged image(s) '
                           f'so far; --strict makes this an error)')
             side = self.img_size or 32
-            img, t = torch.zeros((side, side, 3), dtype=torch.uint8), {k: v[:0] for k, v in t.items()}
+            img, t, within = torch.zeros((side, side, 3), dtype=torch.uint8), {k: v[:0] for k, v in t.items()}, None
         boxes, labels, diff = (torch.from_numpy(t[k]) for k in ('boxes', 'labels', 'difficult'))
         target, origin = {'name': self.files[i].stem}, (0, 0)
         if self.train:
             if self.scale:
+                h, w = img.shape[:2]
                 img, boxes = random_resize(img, boxes, self.scale, g)
-            img, boxes, keep, origin = random_crop(img, boxes, self.img_size, g)
+                within = within and (round(within[0] * img.shape[0] / h), round(within[1] * img.shape[1] / w))
+            img, boxes, keep, origin = random_crop(img, boxes, self.img_size, g, within)
             labels, diff = labels[keep], diff[keep]
             if self.flips:
                 boxes, target['flips'] = random_dihedral(boxes, img.shape[:2], g)
@@ -155,12 +158,13 @@ def random_resize(img, boxes, scale, generator=None):
     return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0), boxes
 
 
-def random_crop(img, boxes, size, generator=None):
+def random_crop(img, boxes, size, generator=None, within=None):
     """A random window of at most size x size of img (H, W, 3), as a view (collate pads smaller ones); boxes are
     shifted and clipped, and those left with less than 1 px of width or height are dropped. -> window, boxes, keep
-    mask, (top, left) of the window.
+    mask, (top, left) of the window. within=(h, w): the window starts where it fits inside img[:h, :w] (a padded
+    tile's image part), at 0 along a side shorter than size: no crop is spent on padding that it can avoid.
     Oriented boxes (N, 5) that the window cuts become the minimum-area rectangle of their visible part."""
-    h, w = img.shape[:2]
+    h, w = within or img.shape[:2]
     top, left = (int(torch.randint(0, max(n - size, 0) + 1, (), generator=generator)) for n in (h, w))
     img = img[top:top + size, left:left + size]
     if boxes.shape[1] == 5:

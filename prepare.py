@@ -6,9 +6,10 @@
 
 Splitting follows DOTA_devkit's ImgSplit so that its merge tools read our tiles: windows of `size` step by
 `size - gap`, the last window of a row or column snaps to the image border, images smaller than a window are
-padded with zeros, and a tile is named `<id>__<rate>__<left>___<top>` (rate printed like the devkit: 1, 0.5).
-With a rate other than 1 the image is resized first and the names carry the rate. An object fully inside a window
-keeps its exact polygon, shifted by the window offset; a cut object is written as the minimum-area rectangle of its
+padded with zeros, and a tile is named `<id>__<rate>__<left>___<top>` (rate printed like the devkit: 1, 0.5). The
+manifest records each tile's image part ('content'), so that a training crop can stay off the padding. With a rate
+other than 1 the image is resized first and the names carry the rate. An object fully inside a window keeps its
+exact polygon, shifted by the window offset; a cut object is written as the minimum-area rectangle of its
 visible part (the devkit writes the clipped polygon itself when it has 4 or 5 corners; ours can have up to 8, and a
 box is what a detector learns), with difficult = 2 when that part is at most --min-visible (0.7) of its area, as
 the devkit does. The manifest holds both the polygons (oriented boxes, task 1) and the axis-aligned boxes of the
@@ -77,7 +78,8 @@ def write_tile(img, pts, area, labels, diff, left, top, rate, stem, dst, job):
     tmp = dst / 'images' / f'.{name}{ext}.tmp'
     Image.fromarray(tile).save(tmp, format='JPEG' if ext == '.jpg' else 'PNG', quality=95)
     os.replace(tmp, dst / 'images' / f'{name}{ext}')
-    record = {'name': name, 'file': f'images/{name}{ext}', 'width': size, 'height': size}
+    record = {'name': name, 'file': f'images/{name}{ext}', 'width': size, 'height': size,
+              'content': [crop.shape[1], crop.shape[0]]}  # (w, h) of the image part (top left); the rest is zeros
     if job['images_only']:
         return record
     x1, y1 = left + min(crop.shape[1], size), top + min(crop.shape[0], size)  # the window's real image part
@@ -115,7 +117,8 @@ def split(src, dst, size=1024, gap=200, rates=(1.0,), fmt='jpg', workers=4, min_
     problems = Problems(strict)
     for stem in sorted(set(labels) - {p.stem for p in images}):
         problems.add('label file without an image (skipped)', str(labels[stem]))
-    settings = {'size': size, 'gap': gap, 'rates': list(rates), 'format': fmt, 'min_visible': min_visible}
+    settings = {'size': size, 'gap': gap, 'rates': list(rates), 'format': fmt, 'min_visible': min_visible,
+                'manifest': 2}  # 2: records carry 'content'; an older resumed split is redone
     jobs, records = [], {}
     for p in images:
         done = dst / '.done' / f'{p.stem}.json'

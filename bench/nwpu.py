@@ -54,17 +54,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, 
 from ablation import ROOT, print_table, run  # noqa: E402
 
 # Bumped when a change of the scripts' code (not their flags) changes what a cached step would produce, so that an
-# old OUT reruns it. 2: crops keep their position in the tile (data.py 'origin', 2026-12-01).
-CODE_VERSION = 2
+# old OUT reruns it. 2: crops keep their position in the tile (data.py 'origin', 2026-12-01). 3: pretraining crops
+# stay inside each tile's image part (the manifest's 'content'; 42 % of these tiles' pixels are padding).
+CODE_VERSION = 3
 PRETRAIN = {'jepa-object': ['--mask', 'object'], 'jepa-random': ['--mask', 'random'],
             'pixels-random': ['--mask', 'random', '--target', 'pixels']}
 ROWS = ['scratch', 'jepa-object', 'jepa-random', 'pixels-random', 'scratch-frozen', 'jepa-object-frozen']
 
 
 def prepare(src, dst):
-    """Cut the train and val images into half-resolution 512^2 tiles once (skipped when the manifests exist)."""
+    """Cut the train and val images into half-resolution 512^2 tiles once (skipped when the manifests exist and
+    record each tile's image part; an older cut is redone)."""
     for split in ('train', 'val'):
-        if not (dst / split / 'manifest.json').exists():
+        manifest = dst / split / 'manifest.json'
+        if not manifest.exists() or 'content' not in json.loads(manifest.read_text())['tiles'][0]:
             if not (src / split / 'labelTxt').is_dir():
                 raise SystemExit(f'NWPU VHR-10 not found: expected {src}/{split}/images and labelTxt '
                                  f'(pass --src or set NWPU_VHR10)')

@@ -105,6 +105,23 @@ def make_source(folder, img, lines):
     (folder / 'labelTxt' / 'X1.txt').write_text('imagesource:test\ngsd:1\n' + ''.join(line + '\n' for line in lines))
 
 
+def test_the_manifest_records_the_image_part_and_training_crops_stay_in_it(tmp_path):
+    # 180 x 120 px, cut into 128^2 tiles: two windows across, each padded from row 120 down (NWPU at half
+    # resolution: 42 % of its 512^2 tiles' pixels are such padding)
+    img = np.full((120, 180, 3), 50, np.uint8)
+    make_source(tmp_path / 'src', img, ['10 10 40 10 40 30 10 30 small-vehicle 0'])
+    split(tmp_path / 'src', tmp_path / 'data' / 'train', size=128, gap=32, fmt='png', workers=1, classes=V1)
+    tiles = json.loads((tmp_path / 'data' / 'train' / 'manifest.json').read_text())['tiles']
+    assert [t['content'] for t in tiles] == [[128, 120], [128, 120]] and tiles[0]['height'] == 128
+    ds = DOTADataset(tmp_path / 'data', 'train', V1, img_size=64, train=True, flips=False)
+    for seed in range(30):
+        crop, target = ds[(seed % 2, seed)]
+        top, left = target['origin']
+        assert crop.shape == (64, 64, 3) and (crop == 50).all() and top <= 120 - 64 and left <= 128 - 64
+    crop, target = DOTADataset(tmp_path / 'data', 'train', V1, img_size=128, train=True, flips=False)[(0, 1)]
+    assert target['origin'] == (0, 0) and (crop[:120] == 50).all() and (crop[120:] == 0).all()  # the tile itself
+
+
 def test_cut_objects_get_difficult_2_below_min_visible(tmp_path):
     img = np.full((300, 300, 3), 50, np.uint8)
     # windows of 200 with gap 100: x starts 0, 100. Object A spans x 180..220 (x1 = 200 for tile 0: 50 %
