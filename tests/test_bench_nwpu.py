@@ -70,3 +70,18 @@ def test_the_cache_reruns_a_step_whose_defaults_or_code_version_changed(tmp_path
     (tmp_path / 'done.json').write_text(json.dumps(record))
     nwpu.cached(tmp_path, cmd, tmp_path / 'log')
     assert len(calls) == 3
+
+
+def test_a_cut_without_the_image_parts_is_redone(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))
+    import nwpu
+    calls = []
+    monkeypatch.setattr(nwpu, 'run', lambda log, *cmd: calls.append(cmd) or 1.0)  # nothing run
+    for split in ('train', 'val'):
+        (tmp_path / 'src' / split / 'labelTxt').mkdir(parents=True)
+        (tmp_path / 'dst' / split).mkdir(parents=True)
+    tile = {'name': 'N1__0.5__0___0', 'file': 'images/N1__0.5__0___0.jpg', 'width': 512, 'height': 512}
+    (tmp_path / 'dst' / 'train' / 'manifest.json').write_text(json.dumps({'tiles': [tile]}))  # an older cut
+    (tmp_path / 'dst' / 'val' / 'manifest.json').write_text(json.dumps({'tiles': [{**tile, 'content': [480, 400]}]}))
+    nwpu.prepare(tmp_path / 'src', tmp_path / 'dst')
+    assert [c[1] for c in calls] == ['split'] and calls[0][5] == tmp_path / 'dst' / 'train'  # train only
