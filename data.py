@@ -32,7 +32,8 @@ class DOTADataset(torch.utils.data.Dataset):
 
     train=True: with scale=s > 0 a random resize by a factor drawn uniformly from [1 - s, 1 + s] (YOLO's scale
     augmentation: objects seen at other sizes), a random crop to img_size (padded with zeros when the image is
-    smaller; inside a padded tile's image part, which a `prepare.py split` manifest records) and, with flips=True, a random element of the dihedral group (flips and 90 degree rotations).
+    smaller; inside a padded tile's image part, which a `prepare.py split` manifest records) and, with
+    flips=True, a random element of the dihedral group (flips and 90 degree rotations).
     train=False: the whole image.
     Item: (image uint8 (H, W, 3), {'boxes': (n, 4) float32 xyxy px, or with boxes='obb' (n, 5) cx, cy, w, h, theta,
     'labels': (n,) int64, 'difficult': (n,) bool, 'name': str, 'size': (H, W), 'origin': (top, left) px of the
