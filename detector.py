@@ -2,6 +2,7 @@
 
     ViT tokens (stride = patch size) -> neck (ViTDet-style upsampling) -> a map at `stride` (8 by default)
        [+ spatial_prior: a small CNN's map of the pixels at the same stride, for detail finer than a patch]
+       [+ fine: a second map at stride / 2 for the objects smaller than `fine` px (dense head only)]
     -> encoder stage: at every cell, class scores and a box (dense; trained one-to-one on its own)
     -> the top-K cells by score become queries (RT-DETR / DINO two-stage query selection)
     -> `dec_layers` decoder layers (self-attention among queries, cross-attention to the map, FFN), each refining
@@ -114,13 +115,16 @@ class Detector(nn.Module):
     obb=True: the cell also predicts (u, v), and theta = atan2(v, 1 + u) / 2 (0 at the start, when both are 0): a
     direction of 2 theta, continuous across the +-pi/2 boundary; each decoder layer adds a predicted turn to the
     angle of its reference box, and its query position also encodes the reference angle.
+    fine=T > 0 (dense head only): a second level at stride / 2, half the head's width, with its own pixel detail
+    (a SpatialPrior at its stride) and its own class and box convolutions; its cells may only be matched to objects
+    under T px (longer side), the coarse level's to the rest (matcher.py). Both levels' cells form one output.
     """
 
     def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
-                 obb=False, o2m=0, max_filter=False, spatial_prior=False, adapt=False, peak=False):
+                 obb=False, o2m=0, max_filter=False, spatial_prior=False, adapt=False, peak=False, fine=0):
         super().__init__()
         self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
-        self.o2m, self.max_filter = o2m, max_filter
+        self.o2m, self.max_filter, self.fine = o2m, max_filter, fine
         p, c, layers = backbone.patch_size, backbone.dim, []
         # adapt: a linear map of the tokens before the neck (finetune.py --whiten sets it to their whitening)
         self.adapt = nn.Linear(c, c) if adapt else None
@@ -151,28 +155,59 @@ class Detector(nn.Module):
                                                    nn.Linear(head_dim, 5 if obb else 4)) for _ in range(dec_layers))
         if obb and dec_layers:  # (cos 2 theta, sin 2 theta) of the reference -> added to the size half of q_pos
             self.angle_pos = nn.Linear(2, head_dim // 2)
+        if fine:  # ViTDet's simple pyramid, one more step (its P2): half the width, 4x the cells
+            if dec_layers or o2m or peak or self.stride < 2:
+                raise ValueError('fine: the dense head alone (dec_layers=0, o2m=0, peak=False) and stride >= 2')
+            d = head_dim // 2
+            self.fine_up = nn.Sequential(nn.ConvTranspose2d(head_dim, d, 2, 2), nn.GroupNorm(8, d), nn.GELU())
+            self.fine_prior = SpatialPrior(self.stride // 2, d) if spatial_prior else None
+            self.fine_conv = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.GroupNorm(8, d), nn.GELU())
+            self.cls_fine = nn.Conv2d(d * (2 if max_filter else 1), num_classes, 3, padding=1)
+            self.box_fine = nn.Conv2d(d, 6 if obb else 4, 3, padding=1)
         prior = -math.log(99)  # probability 0.01 at the start: the focal loss starts stable
-        for m in [self.cls, *self.dec_cls] + ([self.cls_o2m] if o2m else []):
+        for m in [self.cls, *self.dec_cls] + ([self.cls_o2m] if o2m else []) + ([self.cls_fine] if fine else []):
             nn.init.constant_(m.bias, prior)
-        for m in [self.box, *(b[-1] for b in self.dec_box)] + ([self.box_o2m] if o2m else []):  # the cell / ref box
+        for m in [self.box, *(b[-1] for b in self.dec_box)] + ([self.box_o2m] if o2m else []) + \
+                ([self.box_fine] if fine else []):  # the cell / ref box
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def dense(self, f, cls, box, centres, g=None, peak=None):
-        """One dense stage on the map f (B, Dh, h, w) with its class and box convolutions (cls reads g if given;
-        a PeakFilter `peak` adds to the logits) -> (output dict: logits (B, M, C), boxes (B, M, 4 | 5), centres,
-        stride; and the decoded (cxcy, wh, theta or None), each (B, M, .))"""
+    def dense(self, f, cls, box, g=None, peak=None, stride=None):
+        """One dense stage on the map f (B, Dh, h, w) at `stride` (default: the map's) with its class and box
+        convolutions (cls reads g if given; a PeakFilter `peak` adds to the logits) -> (output dict: logits (B, M, C),
+        boxes (B, M, 4 | 5), centres, stride; and the decoded (cxcy, wh, theta or None), each (B, M, .))"""
+        stride = stride or self.stride
+        h, w = f.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h, device=f.device), torch.arange(w, device=f.device), indexing='ij')
+        centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * stride  # (M, 2), M = h * w
         logits, d = cls(f if g is None else g), box(f)  # (B, C, h, w), (B, 4 | 6, h, w)
         if peak is not None:  # the offsets are an input, not a target of the class loss: detached
             logits = logits + peak(f, d[:, :2].detach())
         logits = logits.flatten(2).transpose(1, 2)  # (B, M, C)
         d = d.flatten(2).transpose(1, 2).float()  # (B, M, 4 | 6)
-        cxcy = centres + d[..., :2] * self.stride
-        wh = d[..., 2:4].clamp(-4, 7).exp() * self.stride
+        cxcy = centres + d[..., :2] * stride
+        wh = d[..., 2:4].clamp(-4, 7).exp() * stride
         theta = torch.atan2(d[..., 5], 1 + d[..., 4])[..., None] / 2 if self.obb else None  # (B, M, 1)
         boxes = torch.cat([cxcy, wh, theta], -1) if self.obb else torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
-        out = {'logits': logits, 'boxes': boxes, 'centres': centres.expand(len(f), -1, -1), 'stride': self.stride}
+        out = {'logits': logits, 'boxes': boxes, 'centres': centres.expand(len(f), -1, -1), 'stride': stride}
         return out, (cxcy, wh, theta)
+
+    def fine_level(self, f, x, coarse):
+        """The stride / 2 level from the coarse map f (B, Dh, h, w) and pixels x, joined to the coarse level's
+        output: logits, boxes, centres of both (coarse cells first), 'stride' (M,) and 'claim' (M, 2), each cell's
+        [lo, hi) of object sizes (px) for the matcher."""
+        f2 = self.fine_up(f)  # (B, Dh / 2, 2h, 2w)
+        if self.fine_prior is not None:
+            f2 = f2 + self.fine_prior(x)
+        f2 = self.fine_conv(f2)
+        g2 = torch.cat([f2, f2 - F.max_pool2d(f2, 3, 1, 1)], 1) if self.max_filter else f2
+        fine = self.dense(f2, self.cls_fine, self.box_fine, g2, stride=self.stride // 2)[0]
+        M, M2 = coarse['logits'].shape[1], fine['logits'].shape[1]
+        out = {k: torch.cat([coarse[k], fine[k]], 1) for k in ('logits', 'boxes', 'centres')}
+        out['stride'] = torch.cat([torch.full((M,), self.stride), torch.full((M2,), self.stride // 2)]).to(x.device)
+        lo_hi = torch.tensor([[self.fine, float('inf')], [0.0, self.fine]], device=x.device)  # coarse, fine
+        out['claim'] = lo_hi.repeat_interleave(torch.tensor([M, M2], device=x.device), 0)  # (M + M2, 2)
+        return out
 
     def forward(self, x, offset=None):
         """x (B, 3, H, W) normalized; offset (B, 2) or None: where each crop starts in its tile, in patches (the
@@ -180,7 +215,8 @@ class Detector(nn.Module):
         cy, w, h, theta; theta unwrapped, postprocess wraps it), centres (B, K, 2) (the cell each prediction started
         from), stride; with decoder layers also 'aux' (the earlier layers' outputs) and 'dense' (the encoder stage,
         all M cells). Without, K = M and the encoder stage is the output. In training with o2m = k > 0 also 'o2m':
-        the one-to-many head's dense output (all M cells) and its 'topk' k."""
+        the one-to-many head's dense output (all M cells) and its 'topk' k. With fine: the cells of both levels,
+        'stride' (M,) and 'claim' (M, 2) (fine_level)."""
         B, _, H, W = x.shape
         p = self.backbone.patch_size
         f = self.backbone(x, offset=offset)  # (B, N, D)
@@ -188,14 +224,13 @@ class Detector(nn.Module):
         f = self.neck(f)  # (B, Dh, h, w), h = H / stride
         if self.prior is not None:
             f = f + self.prior(x)  # (B, Dh, h, w): each cell's own local detail
-        h, w = f.shape[-2:]
-        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing='ij')
-        centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * self.stride  # (M, 2), M = h * w
         g = torch.cat([f, f - F.max_pool2d(f, 3, 1, 1)], 1) if self.max_filter else f  # (B, Dh or 2 Dh, h, w)
-        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, centres, g, self.peak)
+        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, g, self.peak)
+        if self.fine:
+            return self.fine_level(f, x, dense)
         extra = {}
         if self.o2m and self.training:  # the one-to-many head: more positives per GT for the shared neck to learn from
-            extra['o2m'] = {**self.dense(f, self.cls_o2m, self.box_o2m, centres)[0], 'topk': self.o2m}
+            extra['o2m'] = {**self.dense(f, self.cls_o2m, self.box_o2m)[0], 'topk': self.o2m}
         if not self.layers:
             return {**dense, **extra}
         # query selection: the K cells whose best class score is highest; their features and boxes start the decoder
@@ -206,7 +241,7 @@ class Detector(nn.Module):
         q = self.query(take(mem))  # (B, K, Dh)
         ref = torch.cat([take(cxcy), take(wh)] + ([take(theta)] if self.obb else []), -1).detach()  # (B, K, 4|5)
         start = take(dense['centres'])  # (B, K, 2) the cells the queries come from: the matcher's centre prior
-        grid = torch.stack([xs, ys], -1).reshape(-1, 2)  # (M, 2) cell coordinates, the units of q_pos below
+        grid = dense['centres'][0] / self.stride - 0.5  # (M, 2) cell coordinates, the units of q_pos below
         mem_pos = torch.cat([sincos(grid, mem.shape[-1] // 2), torch.zeros_like(mem[0, :, mem.shape[-1] // 2:])], -1)
         outs = []
         for layer, cls_head, box_head in zip(self.layers, self.dec_cls, self.dec_box):

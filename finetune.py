@@ -115,6 +115,9 @@ def get_parser():
     ap.add_argument('--stride', type=int, default=8, help='stride of the prediction map: the patch size divided by a '
                                                           'power of 2 (patch 16: 16 or 8; patch 8: 8 or 4) (default: '
                                                           '%(default)s)')
+    ap.add_argument('--fine', type=float, default=0, help='T > 0: a second prediction map at --stride / 2 (half the '
+                    "head's width, its own pixel detail) for the objects under T px (longer side); the --stride map "
+                    'keeps the rest (the dense head alone) (default: %(default)s)')
     ap.add_argument('--dec-layers', type=int, default=0, help='decoder layers after the top-K query selection; 0 = '
                     'the dense one-to-one head alone, which learned faster on NWPU VHR-10 val (RESULTS.md) '
                     '(default: %(default)s)')
@@ -188,7 +191,7 @@ def build(args):
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
                     args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m,
                     max_filter=args.max_filter, spatial_prior=args.spatial_prior, adapt=args.whiten > 0,
-                    peak=args.peak_filter)
+                    peak=args.peak_filter, fine=args.fine)
 
 
 def layer_decay_parts(model, decay):
@@ -300,7 +303,8 @@ def main(argv=None):
     fwd = torch.compile(fwd) if args.compile else fwd
     say = print if main0 else (lambda *a, **k: None)
     say(f'detector ({args.boxes}): {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
-        f'stride {model.stride}, {args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
+        f'stride {model.stride}{f" (+ {model.stride // 2} for objects under {args.fine:g} px)" if args.fine else ""}, '
+        f'{args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
         f'a training image: {most}), {len(ds)} train / {len(val_loader.dataset)} val images, {world} process(es)')
     for s in sorted({16, model.stride}, reverse=True):  # how often the one-cell-one-object assumption breaks
         say(f'GT whose centre cell at stride {s} holds another GT centre: {shared_centre_share(ds, s):.1%}')

@@ -89,9 +89,10 @@ def focal_terms(logits, alpha=0.25, gamma=2.0):
 class MinCostMatcher:
     """One-to-one assignment of the G ground-truth boxes of an image to its M >= G predictions.
 
-    cost[m, g] = w_cls * (pos_m,c - neg_m,c) + w_l1 * |box_m - gt_g|_1 / stride - w_giou * GIoU(box_m, gt_g)
-                 + w_ctr * |centre of cell m - centre of gt g|_1 / stride
+    cost[m, g] = w_cls * (pos_m,c - neg_m,c) + w_l1 * |box_m - gt_g|_1 / stride_m - w_giou * GIoU(box_m, gt_g)
+                 + w_ctr * |centre of cell m - centre of gt g|_1 / stride_m
                  + 1e4 * [centre of cell m is outside the centre region of gt g]
+                 + 1e4 * [the size of gt g is outside claim_m]  (two-level maps only)
     with c the class of gt g and pos/neg the focal costs of calling logit (m, c) positive/negative (Deformable
     DETR's class cost). w_ctr > 0 (finetune.py: 1.0) breaks the tie between neighbouring cells that predict the
     same box at nearly the same score in favour of the cell nearest the object's centre: without it, which of the
@@ -103,6 +104,10 @@ class MinCostMatcher:
     and leaves the game. Each round matches at least one GT, usually almost all; torch ops only, no loop over boxes.
     Oriented boxes: ProbIoU in place of GIoU, L1 on (cx, cy, long side, short side) (l1_form), and the centre
     region from the box's axis-aligned extent.
+    Two-level maps (Detector(fine=T)): stride_m is the stride of cell m's level, and claim_m = [lo, hi) the sizes
+    (longer side of the axis-aligned extent, px) its level may take: the fine level the objects under T px, the
+    coarse one the rest. A rule by size, visible in the pixels, so which level fires is learnable (FPN's level
+    assignment); without it the two levels' cells near one object would be chosen between by their scores.
     """
 
     def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, method='greedy', w_ctr=0.0):
@@ -114,10 +119,11 @@ class MinCostMatcher:
             from scipy.optimize import linear_sum_assignment  # noqa: F401  fail now, not mid-training
 
     @torch.no_grad()
-    def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride, k=1):
-        """logits (M, C), boxes (M, 4), centres (M, 2) cell centres, gt_boxes (G, 4), gt_labels (G,)
-        -> (pred idx (G,), gt idx (G,)), both long. k > 1: one-to-many (assign_top_k), (N,) each, N <= k G."""
-        cost = self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride)
+    def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride, k=1, claim=None):
+        """logits (M, C), boxes (M, 4), centres (M, 2) cell centres, gt_boxes (G, 4), gt_labels (G,), stride a
+        number or (M,), claim None or (M, 2) -> (pred idx (G,), gt idx (G,)), both long. k > 1: one-to-many
+        (assign_top_k), (N,) each, N <= k G."""
+        cost = self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride, claim)
         if k > 1:
             return assign_top_k(cost, k)
         if self.method == 'hungarian':
@@ -127,19 +133,23 @@ class MinCostMatcher:
         return assign_min_cost(cost)
 
     @torch.no_grad()
-    def cost(self, logits, boxes, centres, gt_boxes, gt_labels, stride):
+    def cost(self, logits, boxes, centres, gt_boxes, gt_labels, stride, claim=None):
         """The cost matrix (M, G) of the docstring above."""
         # Each term is built at (M, G) directly, never (M, G, 2 or 4): this matrix is the matcher's main cost.
+        s = torch.as_tensor(stride, dtype=torch.float32, device=boxes.device).reshape(-1, 1)  # (M or 1, 1)
         pos, neg = focal_terms(logits.float())  # (M, C) each, gathered per GT below (C << G in dense tiles)
         cost = self.w_cls * (pos - neg)[:, gt_labels]  # (M, G)
-        cost += self.w_l1 / stride * torch.cdist(l1_form(boxes.float()), l1_form(gt_boxes.float()), p=1)  # (M, G)
+        cost += self.w_l1 / s * torch.cdist(l1_form(boxes.float()), l1_form(gt_boxes.float()), p=1)  # (M, G)
         cost -= self.w_giou * overlap(boxes[:, None], gt_boxes[None])[0]
         gc, half = half_extent(gt_boxes)  # (G, 2) each
-        reach = half.clamp(min=self.radius * stride)  # (G, 2)
+        reach = torch.maximum(half, self.radius * s[..., None])  # (M or 1, G, 2)
         dx, dy = (centres[:, None, 0] - gc[:, 0]).abs(), (centres[:, None, 1] - gc[:, 1]).abs()  # (M, G) each
         if self.w_ctr:
-            cost += self.w_ctr / stride * (dx + dy)
-        return cost + 1e4 * ((dx > reach[:, 0]) | (dy > reach[:, 1]))
+            cost += self.w_ctr / s * (dx + dy)
+        if claim is not None:
+            size = 2 * half.amax(-1)  # (G,)
+            cost += 1e4 * ((size < claim[:, :1]) | (size >= claim[:, 1:]))  # (M, G)
+        return cost + 1e4 * ((dx > reach[..., 0]) | (dy > reach[..., 1]))
 
 
 def assign_min_cost(cost):
@@ -200,29 +210,33 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     w_near > 0 (one-to-one only): the 8 cells around each matched cell, for the matched class, are negatives with
     w_near x the plain cross-entropy -log(1 - p) instead of the focal term (which leaves a neighbour at p = 0.5
     with 0.75 x 0.25 of it): the cells that would be duplicates are pushed down as hard negatives."""
-    logits, boxes, centres, stride = out['logits'], out['boxes'], out['centres'], out['stride']
+    logits, boxes, centres = out['logits'], out['boxes'], out['centres']
+    # (K,) each prediction's stride (a two-level map has two), so that L1 is in the units of its own cells
+    stride = torch.as_tensor(out['stride'], dtype=torch.float32, device=boxes.device).expand(logits.shape[1])
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
     near = torch.zeros_like(is_pos) if w_near else None  # (B, K, C) the matched class next to a matched cell
     quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
-    src, tgt, found = [], [], []
+    src, tgt, per, found = [], [], [], []
     for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes
         gt_boxes, gt_labels = t['boxes'].to(boxes.device).float(), t['labels'].to(boxes.device)
         if matches is not None:
             pi, gi = matches[b]
         elif len(gt_boxes):
             pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres[b], gt_boxes, gt_labels, stride,
-                             out.get('topk', 1))
+                             out.get('topk', 1), out.get('claim'))
         else:
             pi = gi = torch.zeros(0, dtype=torch.long, device=boxes.device)
         found.append((pi, gi))
         is_pos[b, pi, gt_labels[gi]] = True
         if w_near and out.get('topk', 1) == 1:
-            ring = (centres[b][None] - centres[b][pi][:, None]).abs().amax(-1) < 1.5 * stride  # (P, K), self included
+            s = stride[pi][:, None]  # (P, 1): the ring is on the matched cell's own level
+            ring = ((centres[b][None] - centres[b][pi][:, None]).abs().amax(-1) < 1.5 * s) & (stride == s)  # (P, K)
             p_idx, k_idx = ring.nonzero(as_tuple=True)
             near[b, k_idx, gt_labels[gi][p_idx]] = True
         quality[b, pi, gt_labels[gi]] = overlap(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
+        per.append(stride[pi])
     n = max(sum(len(t['boxes']) for t in targets), 1) if num_gt is None else num_gt.clamp(min=1)  # a tensor
     if out.get('topk', 1) > 1:  # one-to-many: the mean over positives (FCOS, TOOD), not k times a one-to-one loss
         n = max(sum(len(pi) for pi, _ in found), 1)
@@ -236,7 +250,8 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
         neg = torch.where(near, w_near * F.softplus(logits.float()), neg)
     loss_cls = torch.where(is_pos, pos, neg).sum() / n
     src, tgt = torch.cat(src).float(), torch.cat(tgt)
-    loss_l1 = (l1_form(src) - l1_form(tgt)).abs().sum() / stride / n  # 0 (with a gradient path) when there is no GT
+    per = torch.cat(per)[:, None]  # (P, 1) the matched cells' strides
+    loss_l1 = ((l1_form(src) - l1_form(tgt)).abs() / per).sum() / n  # 0 (with a gradient path) when there is no GT
     g, iou = overlap(src, tgt)
     oriented = src.shape[-1] == 5  # then g is ProbIoU and the term is logged as such
     loss_giou = (1 - g).sum() / n

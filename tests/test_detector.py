@@ -255,3 +255,27 @@ def test_the_detector_places_a_crop_where_its_origin_says():
     moved = det(x, torch.tensor([[0.0, 0.0], [1.5, 2.0]]))['logits']  # fractional: a crop need not start on a patch
     torch.testing.assert_close(moved[0], zero[0])
     assert not torch.allclose(moved[1], zero[1])
+
+
+def test_fine_level_gives_small_objects_to_its_cells_and_the_rest_to_the_coarse_map():
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=0, spatial_prior=True, fine=16)
+    out = det(torch.randn(2, 3, 64, 96))
+    M, M2 = 8 * 12, 16 * 24
+    assert out['logits'].shape == (2, M + M2, 3) and out['boxes'].shape == (2, M + M2, 4)
+    assert out['stride'].tolist() == [8] * M + [4] * M2
+    torch.testing.assert_close(out['centres'][0, [0, M]], torch.tensor([[4.0, 4.0], [2.0, 2.0]]))
+    # a 6 px car and a 30 px plane: the car goes to a stride-4 cell, the plane to a stride-8 one
+    t = {'boxes': torch.tensor([[20.0, 20, 26, 26], [40.0, 10, 70, 40]]), 'labels': torch.tensor([0, 1])}
+    none = {'boxes': torch.zeros(0, 4), 'labels': torch.zeros(0).long()}
+    _, _, [(pi, gi), empty] = detection_loss(out, [t, none], MinCostMatcher(w_ctr=1.0))
+    assert dict(zip(gi.tolist(), out['stride'][pi].tolist())) == {0: 4, 1: 8} and len(empty[0]) == 0
+    # without the claim the plane's nearest cell could be a fine one: the claim is what keeps the levels apart
+    cost = MinCostMatcher(w_ctr=1.0).cost(out['logits'][0], out['boxes'][0], out['centres'][0], t['boxes'],
+                                          t['labels'], out['stride'], out['claim'])
+    assert (cost[:M, 0] >= 1e4).all() and (cost[M:, 1] >= 1e4).all()
+    loss, _ = detector_loss(out, [t, t], MinCostMatcher())
+    loss.backward()
+    assert det.box_fine.weight.grad.abs().sum() > 0 and det.fine_prior.layers[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='dense head alone'):
+        Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=1, fine=16)

@@ -246,3 +246,15 @@ def test_whiten_makes_the_tokens_uncorrelated_with_unit_variance(tmp_path):
     assert pc1 > 0.3  # the dominant direction was there
     assert lam.max() < 1.001 and (lam > 0.9).sum() >= 16  # unit variance in every direction that had some
     assert y.mean(0).abs().max() < 1e-4
+
+
+def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_path):
+    from evaluate import load_detector
+    from finetune import main
+    make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
+    main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
+          '--img-size', '32', '--batch-size', '4', '--epochs', '1', '--head-dim', '32', '--workers', '0',
+          '--device', 'cpu', '--fine', '12', '--out', str(tmp_path / 'ft')])
+    model, _ = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
+    out = model.eval()(torch.zeros(1, 3, 32, 32))
+    assert model.fine == 12 and out['logits'].shape[1] == 4 * 4 + 8 * 8
