@@ -156,8 +156,8 @@ class Detector(nn.Module):
         if obb and dec_layers:  # (cos 2 theta, sin 2 theta) of the reference -> added to the size half of q_pos
             self.angle_pos = nn.Linear(2, head_dim // 2)
         if fine:  # ViTDet's simple pyramid, one more step (its P2): half the width, 4x the cells
-            if dec_layers or o2m or peak or self.stride < 2:
-                raise ValueError('fine: the dense head alone (dec_layers=0, o2m=0, peak=False) and stride >= 2')
+            if dec_layers or o2m or peak or self.stride < 8:
+                raise ValueError('fine: the dense head alone (dec_layers=0, o2m=0, peak=False) at stride >= 8')
             d = head_dim // 2
             self.fine_up = nn.Sequential(nn.ConvTranspose2d(head_dim, d, 2, 2), nn.GroupNorm(8, d), nn.GELU())
             self.fine_prior = SpatialPrior(self.stride // 2, d) if spatial_prior else None

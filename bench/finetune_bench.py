@@ -4,8 +4,10 @@
 
 A DOTA-like batch: synthetic images with rows of parked vehicles and ships (several hundred objects each), the
 detector as `finetune.py --ckpt none` builds it by default (the dense head at stride 8 with the spatial prior, the
-centre-cell matcher); `--dec-layers 2` adds the decoder with 1,000 queries. One step = forward, loss (all stages),
-backward, AdamW step; the matcher calls inside the loss are timed on their own. The share of the step spent matching
+centre-cell matcher, the stride-4 level for objects under 16 px); `--dec-layers 2` adds the decoder with 1,000
+queries (and drops the stride-4 level, which needs the dense head alone). One step = forward, loss (all stages),
+backward, AdamW step; the matcher calls inside the loss are timed on their own. With the stride-4 level, the same
+steps of the model without it (`--fine 0`) are timed in the same run, and their ratio printed. The share of the step spent matching
 (goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch (the encoder stage's, and each
 decoder layer's), the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver, and
 the total cost of each (needs scipy, from requirements-dev.txt).
@@ -38,7 +40,7 @@ class TimedMatcher(MinCostMatcher):
         out = super().__call__(*args)
         self.seconds += time.perf_counter() - t0
         if self.keep:
-            self.costs.append(self.cost(*args[:6]))  # (the 7th, k, is how many cells per GT: not a cost input)
+            self.costs.append(self.cost(*args[:6], *args[7:]))  # (the 7th, k, cells per GT, is not a cost input)
         return out
 
 
@@ -56,6 +58,30 @@ def make_batch(n, size):
     return torch.stack(xs) / 0.25, targets
 
 
+def time_steps(ft, x, targets, steps):
+    """`steps` training steps (after one untimed warm-up) of the detector finetune.py builds from the flags ft.
+    -> (seconds of the steps, seconds matching within them, the matcher holding one extra step's cost matrices)"""
+    torch.manual_seed(0)
+    model = build(ft)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    matcher = TimedMatcher(method=ft.matcher, w_ctr=ft.match_centre)
+    total = matching = 0.0
+    for step in range(steps + 1):  # the first step warms up and is not timed
+        matcher.seconds = 0.0
+        t0 = time.perf_counter()
+        loss, _ = detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step:
+            total += time.perf_counter() - t0
+            matching += matcher.seconds
+    matcher.keep = True  # one more forward and loss, untimed, for the matcher's cost matrices
+    with torch.no_grad():
+        detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
+    return total, matching, matcher
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--model', default='mini', help='ViT preset (default: %(default)s)')
@@ -70,27 +96,18 @@ def main():
     x, targets = make_batch(args.batch_size, args.img_size)
     n_gt = [len(t['boxes']) for t in targets]
     ft = get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size', str(args.patch_size),
-                                  '--dec-layers', str(args.dec_layers), '--num-queries', '1000'])  # else: defaults
-    model = build(ft)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    matcher = TimedMatcher(method=ft.matcher, w_ctr=ft.match_centre)
-    total = matching = 0.0
-    for step in range(args.steps + 1):  # the first step warms up and is not timed
-        matcher.seconds = 0.0
-        t0 = time.perf_counter()
-        loss, _ = detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step:
-            total += time.perf_counter() - t0
-            matching += matcher.seconds
-    matcher.keep = True  # one more forward and loss, untimed, for the matcher's cost matrices
-    with torch.no_grad():
-        detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
+                                  '--dec-layers', str(args.dec_layers), '--num-queries', '1000',
+                                  *(['--fine', '0'] if args.dec_layers else [])])  # else: defaults
+    total, matching, matcher = time_steps(ft, x, targets, args.steps)
     print(f'{args.model} ViT/{args.patch_size}, {args.img_size}^2, batch {args.batch_size}, {args.dec_layers} decoder '
-          f'layers, GT per image {n_gt}, {torch.get_num_threads()} threads: step {1e3 * total / args.steps:.0f} ms, '
-          f'matching {1e3 * matching / args.steps:.0f} ms ({len(matcher.costs)} matcher calls per step)')
+          f'layers{f", stride-4 level under {ft.fine:g} px" if ft.fine else ""}, GT per image {n_gt}, '
+          f'{torch.get_num_threads()} threads: step {1e3 * total / args.steps:.0f} ms, matching '
+          f'{1e3 * matching / args.steps:.0f} ms ({len(matcher.costs)} matcher calls per step)')
+    if ft.fine:  # the baseline of the same run: the same model without the stride-4 level
+        one = time_steps(get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size',
+                                                  str(args.patch_size), '--fine', '0']), x, targets, args.steps)[0]
+        print(f'without the stride-4 level (--fine 0): step {1e3 * one / args.steps:.0f} ms; the level costs '
+              f'{total / one:.2f}x per step')
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:

@@ -279,3 +279,7 @@ def test_fine_level_gives_small_objects_to_its_cells_and_the_rest_to_the_coarse_
     assert det.box_fine.weight.grad.abs().sum() > 0 and det.fine_prior.layers[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match='dense head alone'):
         Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=1, fine=16)
+    obb = Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=0, obb=True, fine=16)(torch.randn(1, 3, 64, 64))
+    t = {'boxes': torch.tensor([[23.0, 23, 6, 3, 0.5], [55.0, 25, 30, 12, -0.3]]), 'labels': torch.tensor([0, 1])}
+    _, _, [(pi, gi)] = detection_loss(obb, [t], MinCostMatcher(w_ctr=1.0))  # oriented: the claim by the extent
+    assert dict(zip(gi.tolist(), obb['stride'][pi].tolist())) == {0: 4, 1: 8}

@@ -162,7 +162,7 @@ def test_results_csv_every_epoch_and_the_curves_only_with_matplotlib(tmp_path, m
     import evaluate
     monkeypatch.setattr(evaluate, '_pyplot', lambda: None)  # what it returns when matplotlib is not installed
     main(flags + ['--o2m', '3', '--scale', '0.3', '--max-filter', '--spatial-prior', '--whiten', '4', '--peak-filter',
-                  '--out', str(tmp_path / 'no_mpl')])
+                  '--fine', '0', '--out', str(tmp_path / 'no_mpl')])
     model, _ = evaluate.load_detector(tmp_path / 'no_mpl' / 'best.pt', torch.device('cpu'))  # the options rebuilt
     assert model.prior is not None and model.adapt is not None and model.max_filter and not hasattr(model, 'cls_o2m')
     assert model.peak is not None
@@ -255,6 +255,9 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
     main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
           '--img-size', '32', '--batch-size', '4', '--epochs', '1', '--head-dim', '32', '--workers', '0',
           '--device', 'cpu', '--fine', '12', '--out', str(tmp_path / 'ft')])
+    with pytest.raises(SystemExit, match='add --fine 0'):  # on by default: a decoder asks for it to be turned off
+        main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
+              '--dec-layers', '1', '--out', str(tmp_path / 'dec')])
     model, _ = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
     out = model.eval()(torch.zeros(1, 3, 32, 32))
     assert model.fine == 12 and out['logits'].shape[1] == 4 * 4 + 8 * 8

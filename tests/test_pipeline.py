@@ -68,7 +68,8 @@ def test_chain_end_to_end(tmp_path):
     assert lines and all(len(line.split()) == 6 for line in lines)  # image score x1 y1 x2 y2
     # from scratch
     out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data', data,
-              '--epochs', 1, '--head-dim', 32, '--stride', 4, '--out', tmp_path / 'scratch', *common, cwd=tmp_path)
+              '--epochs', 1, '--head-dim', 32, '--stride', 4, '--fine', 0, '--out', tmp_path / 'scratch', *common,
+              cwd=tmp_path)
     assert 'best val mAP50' in out and 'stride 4' in out
     out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'scratch' / 'best.pt', '--workers', 0, cwd=tmp_path)
     assert out.splitlines()[0].split()[0] == 'Class'
@@ -86,7 +87,7 @@ def test_oriented_chain_end_to_end(tmp_path):
         '--gap', 16, '--workers', 1, cwd=tmp_path)
     out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data',
               tmp_path / 'tiles', '--boxes', 'obb', '--epochs', 2, '--eval-every', 1, '--head-dim', 32,
-              '--dec-layers', 1, '--img-size', 48, '--batch-size', 8, '--workers', 0, '--device', 'cpu', '--out',
+              '--dec-layers', 1, '--fine', 0, '--img-size', 48, '--batch-size', 8, '--workers', 0, '--device', 'cpu', '--out',
               tmp_path / 'ft', cwd=tmp_path)
     assert 'detector (obb)' in out and 'best val mAP50' in out
     out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--merge', '--labels',
