@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole chain on a CPU (about 6 minutes on 2 cores): synthetic DOTA-format data -> JEPA pretraining with
+# The whole chain on a CPU (minutes on 2 cores): synthetic DOTA-format data -> JEPA pretraining with
 # object-aware masking -> DETR-style fine-tuning -> the evaluation table. Every step is a plain command you can
 # copy; on a GPU drop --device cpu and raise the sizes.
 set -euo pipefail
