@@ -91,8 +91,8 @@ class MinCostMatcher:
 
     cost[m, g] = w_cls * (pos_m,c - neg_m,c) + w_l1 * |box_m - gt_g|_1 / stride_m - w_giou * GIoU(box_m, gt_g)
                  + w_ctr * |centre of cell m - centre of gt g|_1 / stride_m
-                 + 1e4 * [centre of cell m is outside the centre region of gt g]
-                 + 1e4 * [the size of gt g is outside claim_m]  (two-level maps only)
+                 + 1e4 * [centre of cell m is outside the centre region of gt g, or (two-level maps) the size of
+                          gt g is outside claim_m]
     with c the class of gt g and pos/neg the focal costs of calling logit (m, c) positive/negative (Deformable
     DETR's class cost). w_ctr > 0 (finetune.py: 1.0) breaks the tie between neighbouring cells that predict the
     same box at nearly the same score in favour of the cell nearest the object's centre: without it, which of the
@@ -123,14 +123,39 @@ class MinCostMatcher:
         """logits (M, C), boxes (M, 4), centres (M, 2) cell centres, gt_boxes (G, 4), gt_labels (G,), stride a
         number or (M,), claim None or (M, 2) -> (pred idx (G,), gt idx (G,)), both long. k > 1: one-to-many
         (assign_top_k), (N,) each, N <= k G."""
-        cost = self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride, claim)
-        if k > 1:
-            return assign_top_k(cost, k)
         if self.method == 'hungarian':
             from scipy.optimize import linear_sum_assignment
+            cost = self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride, claim)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
-        return assign_min_cost(cost)
+        # Only a cell inside some GT's centre region (and of its level) can be matched below the 1e4 penalty, so the
+        # cost is built for those cells alone (a few thousand of the 20,480 of a two-level 512^2 map). When every GT
+        # gets such a cell the rounds run exactly as on the full matrix (every proposal is an in-region cell); else
+        # the full matrix decides, as the rule says.
+        s = torch.as_tensor(stride, dtype=torch.float32, device=boxes.device).reshape(-1)  # (M,) or (1,)
+        idx = self.allowed(centres, gt_boxes, s[:, None], claim)[0].any(1).nonzero().squeeze(1)  # (M',)
+        take = (lambda t: t if t is None or len(t) == 1 else t[idx])  # noqa: E731
+        cost = self.cost(logits[idx], boxes[idx], centres[idx], gt_boxes, gt_labels, take(s), take(claim))
+        if k > 1:  # only pairs inside the region count there: exact
+            rows, cols = assign_top_k(cost, k)
+            return idx[rows], cols
+        rows, cols = assign_min_cost(cost)
+        if len(cols) == len(gt_boxes) and (cost[rows, cols] < 1e4 / 2).all():
+            return idx[rows], cols
+        return assign_min_cost(self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride, claim))
+
+    def allowed(self, centres, gt_boxes, s, claim=None):
+        """centres (M, 2), gt_boxes (G, 4 | 5), s (M or 1, 1) strides, claim None or (M, 2) -> ((M, G) bool: cell m
+        may take GT g (its centre inside g's centre region; of g's size, with a claim), dx, dy (M, G) each: the
+        distances in x and y from each cell centre to each GT centre)."""
+        gc, half = half_extent(gt_boxes)  # (G, 2) each
+        reach = torch.maximum(half, self.radius * s[..., None])  # (M or 1, G, 2)
+        dx, dy = (centres[:, None, 0] - gc[:, 0]).abs(), (centres[:, None, 1] - gc[:, 1]).abs()  # (M, G) each
+        ok = (dx <= reach[..., 0]) & (dy <= reach[..., 1])
+        if claim is not None:
+            size = 2 * half.amax(-1)  # (G,)
+            ok &= (size >= claim[:, :1]) & (size < claim[:, 1:])
+        return ok, dx, dy
 
     @torch.no_grad()
     def cost(self, logits, boxes, centres, gt_boxes, gt_labels, stride, claim=None):
@@ -141,15 +166,10 @@ class MinCostMatcher:
         cost = self.w_cls * (pos - neg)[:, gt_labels]  # (M, G)
         cost += self.w_l1 / s * torch.cdist(l1_form(boxes.float()), l1_form(gt_boxes.float()), p=1)  # (M, G)
         cost -= self.w_giou * overlap(boxes[:, None], gt_boxes[None])[0]
-        gc, half = half_extent(gt_boxes)  # (G, 2) each
-        reach = torch.maximum(half, self.radius * s[..., None])  # (M or 1, G, 2)
-        dx, dy = (centres[:, None, 0] - gc[:, 0]).abs(), (centres[:, None, 1] - gc[:, 1]).abs()  # (M, G) each
+        ok, dx, dy = self.allowed(centres, gt_boxes, s, claim)
         if self.w_ctr:
             cost += self.w_ctr / s * (dx + dy)
-        if claim is not None:
-            size = 2 * half.amax(-1)  # (G,)
-            cost += 1e4 * ((size < claim[:, :1]) | (size >= claim[:, 1:]))  # (M, G)
-        return cost + 1e4 * ((dx > reach[..., 0]) | (dy > reach[..., 1]))
+        return cost + 1e4 * ~ok
 
 
 def assign_min_cost(cost):

@@ -104,10 +104,11 @@ def main():
           f'{torch.get_num_threads()} threads: step {1e3 * total / args.steps:.0f} ms, matching '
           f'{1e3 * matching / args.steps:.0f} ms ({len(matcher.costs)} matcher calls per step)')
     if ft.fine:  # the baseline of the same run: the same model without the stride-4 level
-        one = time_steps(get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size',
-                                                  str(args.patch_size), '--fine', '0']), x, targets, args.steps)[0]
-        print(f'without the stride-4 level (--fine 0): step {1e3 * one / args.steps:.0f} ms; the level costs '
-              f'{total / one:.2f}x per step')
+        one, one_matching, _ = time_steps(get_parser().parse_args(['--ckpt', 'none', '--model', args.model,
+                                                                   '--patch-size', str(args.patch_size), '--fine',
+                                                                   '0']), x, targets, args.steps)
+        print(f'without the stride-4 level (--fine 0): step {1e3 * one / args.steps:.0f} ms, matching '
+              f'{1e3 * one_matching / args.steps:.0f} ms; the level costs {total / one:.2f}x per step')
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:

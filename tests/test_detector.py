@@ -283,3 +283,23 @@ def test_fine_level_gives_small_objects_to_its_cells_and_the_rest_to_the_coarse_
     t = {'boxes': torch.tensor([[23.0, 23, 6, 3, 0.5], [55.0, 25, 30, 12, -0.3]]), 'labels': torch.tensor([0, 1])}
     _, _, [(pi, gi)] = detection_loss(obb, [t], MinCostMatcher(w_ctr=1.0))  # oriented: the claim by the extent
     assert dict(zip(gi.tolist(), obb['stride'][pi].tolist())) == {0: 4, 1: 8}
+
+
+def test_the_matcher_builds_the_cost_of_in_region_cells_only_and_matches_as_on_the_full_matrix():
+    torch.manual_seed(0)
+    det = Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=0, fine=16)
+    out = det(torch.randn(1, 3, 128, 128))
+    m = MinCostMatcher(w_ctr=1.0)
+    xy = torch.rand(60, 2) * 110
+    wh = torch.rand(60, 2) * 30 + 3
+    gt, labels = torch.cat([xy, xy + wh], 1), torch.randint(0, 3, (60,))
+    gt[0] = torch.tensor([300.0, 300, 310, 310])  # no cell within reach: the full matrix must decide
+    args = out['logits'][0], out['boxes'][0], out['centres'][0]
+    for boxes in (gt[1:], gt):  # the fast path, then the fallback
+        full = m.cost(*args, boxes, labels[:len(boxes)], out['stride'], out['claim'])
+        want = assign_min_cost(full)
+        got = m(*args, boxes, labels[:len(boxes)], out['stride'], 1, out['claim'])
+        order = lambda r, c: sorted(zip(c.tolist(), r.tolist()))  # noqa: E731
+        assert order(*got) == order(*want) and len(got[1]) == len(boxes)
+        top = m(*args, boxes, labels[:len(boxes)], out['stride'], 3, out['claim'])
+        assert order(*top) == order(*assign_top_k(full, 3))
