@@ -119,7 +119,7 @@ def get_parser():
     ap.add_argument('--fine', type=float, default=16, help='T > 0: a second prediction map at --stride / 2 (half '
                     "the head's width, its own pixel detail) for the objects under T px (longer side); the --stride "
                     'map keeps the rest. Synthetic tiny objects: mAP50 0.911 vs 0.814 without, small vehicles 0.916 vs '
-                    '0.527 (RESULTS.md); 1.5x the time per 512^2 step, so 0 for data without such objects. Needs the '
+                    '0.527 (RESULTS.md); 1.4x the time per 512^2 step, so 0 for data without such objects. Needs the '
                     'dense head alone at --stride 8 or coarser (default: %(default)s)')
     ap.add_argument('--dec-layers', type=int, default=0, help='decoder layers after the top-K query selection; 0 = '
                     'the dense one-to-one head alone, which learned faster on NWPU VHR-10 val (RESULTS.md) '
