@@ -204,9 +204,10 @@ class Detector(nn.Module):
         fine = self.dense(f2, self.cls_fine, self.box_fine, g2, stride=self.stride // 2)[0]
         M, M2 = coarse['logits'].shape[1], fine['logits'].shape[1]
         out = {k: torch.cat([coarse[k], fine[k]], 1) for k in ('logits', 'boxes', 'centres')}
-        out['stride'] = torch.cat([torch.full((M,), self.stride), torch.full((M2,), self.stride // 2)]).to(x.device)
-        lo_hi = torch.tensor([[self.fine, float('inf')], [0.0, self.fine]], device=x.device)  # coarse, fine
-        out['claim'] = lo_hi.repeat_interleave(torch.tensor([M, M2], device=x.device), 0)  # (M + M2, 2)
+        counts = torch.tensor([M, M2], device=x.device)  # coarse cells first, then fine ones
+        out['stride'] = torch.tensor([self.stride, self.stride // 2], device=x.device).repeat_interleave(counts)
+        lo_hi = torch.tensor([[self.fine, float('inf')], [0.0, self.fine]], device=x.device)  # (2, 2) per level
+        out['claim'] = lo_hi.repeat_interleave(counts, 0)  # (M + M2, 2)
         return out
 
     def forward(self, x, offset=None):
