@@ -181,6 +181,15 @@ class Predictor(nn.Module):
         return self.proj(self.norm(x[:, ctx.shape[1]:]))
 
 
+def build_predictor(name, dim=None, depth=None, out_dim=None):
+    """The predictor of preset `name`, its width and depth overridden when given (its heads stay the preset's)."""
+    p = PRESETS[name]
+    dim, depth = dim or p['pred_dim'], depth or p['pred_depth']
+    if dim % p['pred_heads']:
+        raise ValueError(f"a predictor width of {dim} does not split into the preset's {p['pred_heads']} heads")
+    return Predictor(p['dim'], dim, depth, p['pred_heads'], out_dim)
+
+
 @torch.no_grad()
 def ema_update(target, online, momentum):
     """target <- momentum * target + (1 - momentum) * online, for every parameter; buffers are copied."""

@@ -49,7 +49,7 @@ from labels import CLASSES
 from prepare import resolve_data
 from masking import MODES, make_masks
 from probe import Probe, describe
-from model import PRESETS, Predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
+from model import PRESETS, build_predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
 
 def get_parser():
@@ -60,6 +60,8 @@ def get_parser():
     a('--classes', default='dota1.0', choices=list(CLASSES), help='class list (default: %(default)s)')
     a('--model', default='small', choices=list(PRESETS), help='ViT preset (default: %(default)s)')
     a('--patch-size', type=int, default=16, help='ViT patch size in pixels (default: %(default)s)')
+    a('--pred-dim', type=int, default=None, help="the predictor's width (default: the preset's; mini: 64)")
+    a('--pred-depth', type=int, default=None, help="the predictor's blocks (default: the preset's; mini: 2)")
     a('--img-size', type=int, default=512, help='training crop side; objects keep their scale (default: %(default)s)')
     a('--strict', action='store_true', help='stop at a damaged image or a repaired label instead of skipping it '
                                             'with a counted warning')
@@ -191,9 +193,8 @@ def main(argv=None):
 
     context = build_vit(args.model, args.patch_size).to(device)
     target = copy.deepcopy(context).requires_grad_(False)  # EMA copy, never trained by gradients
-    pc = PRESETS[args.model]
     out_dim = args.patch_size ** 2 * 3 if args.target == 'pixels' else None
-    predictor = Predictor(context.dim, pc['pred_dim'], pc['pred_depth'], pc['pred_heads'], out_dim).to(device)
+    predictor = build_predictor(args.model, args.pred_dim, args.pred_depth, out_dim).to(device)
     student = Student(context, predictor)
     opt = torch.optim.AdamW(param_groups([(student, 1.0)], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)  # bf16 needs no loss scaling

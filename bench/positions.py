@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DOTADataset, collate, to_input  # noqa: E402
 from labels import CLASSES  # noqa: E402
 from masking import random_masking  # noqa: E402
-from model import PRESETS, Predictor, build_vit  # noqa: E402
+from model import build_predictor, build_vit  # noqa: E402
 from pretrain import Student, latent_targets  # noqa: E402
 
 
@@ -31,8 +31,7 @@ def load(path):
     if a['target'] != 'latent':
         raise SystemExit(f'{path}: pixel targets (--target pixels); this measures latent-target pretrainings')
     context, target = build_vit(a['model'], a['patch_size']), build_vit(a['model'], a['patch_size'])
-    pc = PRESETS[a['model']]
-    predictor = Predictor(context.dim, pc['pred_dim'], pc['pred_depth'], pc['pred_heads'])
+    predictor = build_predictor(a['model'], a.get('pred_dim'), a.get('pred_depth'))
     for m, k in ((context, 'context'), (target, 'target'), (predictor, 'predictor')):
         m.load_state_dict(ck[k])
     return Student(context, predictor).eval(), target.eval(), a

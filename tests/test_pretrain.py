@@ -42,6 +42,16 @@ def test_every_strategy_runs_and_logs(synth, tmp_path, flags):
     assert ck['step'] == steps and ck['epoch'] == 2
 
 
+def test_the_predictor_width_and_depth_are_flags_and_the_checkpoint_keeps_them(synth, tmp_path):
+    run(synth, tmp_path, '--pred-dim', 48, '--pred-depth', 2, '--max-steps', 2)
+    ck = torch.load(tmp_path / 'last.pt', weights_only=True)
+    assert ck['predictor']['embed.weight'].shape == (48, 32)  # test preset: encoder 32 wide, predictor 32 by default
+    assert {k.split('.')[1] for k in ck['predictor'] if k.startswith('blocks.')} == {'0', '1'}
+    assert len(run(synth, tmp_path, '--pred-dim', 48, '--pred-depth', 2, '--resume', 'auto')) == 8  # loads again
+    with pytest.raises(ValueError, match='heads'):  # the test preset's predictor has 2 heads
+        run(synth, tmp_path / 'odd', '--pred-dim', 33)
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(synth, tmp_path):
     full = run(synth, tmp_path / 'full')
     part = run(synth, tmp_path / 'part', '--max-steps', 3)  # stops mid-epoch 1 (4 steps per epoch)
