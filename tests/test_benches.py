@@ -38,3 +38,21 @@ def test_positions_bench_moves_only_the_positions(tmp_path, monkeypatch):
     assert same['at_0'] == same['shifted'] > 0  # the same pixels and masks: only the positions may differ
     moved = positions.main(common)  # shifted by 2 patches
     assert moved['at_0'] == same['at_0'] and moved['shifted'] != moved['at_0']
+
+
+def test_heldout_bench_scores_both_splits_with_the_same_crops_and_masks_for_every_checkpoint(tmp_path, monkeypatch):
+    import pretrain
+    from prepare import make_synthetic
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))
+    import heldout
+    make_synthetic(tmp_path / 'data', n_train=8, n_val=4, size=32, seed=1)
+    common = ['--data', str(tmp_path / 'data'), '--model', 'test', '--img-size', '16', '--patch-size', '8',
+              '--batch-size', '4', '--workers', '0', '--device', 'cpu']
+    pretrain.main(common + ['--epochs', '1', '--out', str(tmp_path / 'a')])
+    pretrain.main(common + ['--epochs', '2', '--out', str(tmp_path / 'b')])
+    score = lambda run: heldout.main(['--ckpt', str(tmp_path / run / 'last.pt'), '--data', str(tmp_path / 'data'),  # noqa: E731
+                                      '--batch-size', '4', '--passes', '2'])
+    a, b = score('a'), score('b')
+    assert set(a) == {(s, m) for s in ('train', 'val') for m in ('object', 'random')}
+    assert all(r > 0 for r in a.values()) and a == score('a')  # deterministic: crops and masks fixed
+    assert a != b  # another checkpoint, another loss on the same crops
