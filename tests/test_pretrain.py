@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pretrain
-from model import build_vit, export
+from model import Predictor, build_vit, export
 from prepare import make_synthetic
 
 
@@ -102,7 +102,7 @@ def test_pixel_loss_is_maes_formula():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
     context = build_vit('test', 8)
-    predictor = pretrain.Predictor(32, 32, 1, 2, out_dim=8 * 8 * 3)
+    predictor = Predictor(32, 32, 1, 2, out_dim=8 * 8 * 3)
     ctx, tgt = torch.tensor([[0, 3], [1, 2]]), torch.tensor([[1, 2], [0, 3]])
     student = pretrain.Student(context, predictor)
     loss, _ = pretrain.jepa_loss(student, None, x, ctx, tgt, target_kind='pixels', patch_size=8)
