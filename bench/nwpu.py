@@ -118,7 +118,8 @@ def main():
     a('--epochs', type=int, default=20, help='fine-tuning epochs (default: %(default)s)')
     a('--pretrain-img-size', type=int, default=256, help='pretraining crop side: 4x fewer tokens than 512, ~5x the '
                                                          'images per second (default: %(default)s)')
-    a('--pretrain-epochs', type=int, default=60, help='pretraining epochs (default: %(default)s)')
+    a('--pretrain-epochs', type=int, default=120, help='pretraining epochs: 1,800 steps; 60 probed and fine-tuned '
+                                                       'worse (RESULTS.md, 2026-12-01) (default: %(default)s)')
     a('--pretrain-batch-size', type=int, default=32, help='pretraining batch (default: %(default)s)')
     a('--pretrain-args', default='--lr 1e-3 --warmup-epochs 3 --target-layers 2 --target-norm instance',
       help='further pretrain.py flags of every pretrained row, one string (default: %(default)s)')
