@@ -78,6 +78,10 @@ def get_parser():
                          'to protect, and with the spatial prior 0.75 cost the JEPA encoder 0.04 mAP50 on NWPU '
                          'VHR-10 (RESULTS.md; MAE/BEiT use 0.65-0.75 for deep, long-pretrained ViTs) '
                          '(default: %(default)s)')
+    ap.add_argument('--backbone-lr', type=float, default=1.0,
+                    help='the whole backbone learns at this times the lr (on top of --layer-decay): DETR trains its '
+                         'pretrained backbone at 0.1x, so that the random head\'s first gradients do not overwrite it '
+                         '(default: %(default)s)')
     ap.add_argument('--ema', type=float, default=0.0,
                     help='decay of an EMA of the detector weights (e.g. 0.999), which are then the weights that are '
                          'evaluated and saved; it rises as min(decay, (1 + step) / (10 + step)) so that short runs '
@@ -201,13 +205,14 @@ def build(args):
                     peak=args.peak_filter, fine=args.fine)
 
 
-def layer_decay_parts(model, decay):
+def layer_decay_parts(model, decay, backbone=1.0):
     """(module, lr scale) pairs for param_groups: the head at 1, backbone block i of L at decay^(L - i), the patch
-    embedding at decay^(L + 1) (MAE/BEiT's layer-wise decay: lower layers, more general features, change less)."""
+    embedding at decay^(L + 1) (MAE/BEiT's layer-wise decay: lower layers, more general features, change less),
+    every backbone part times `backbone` (DETR's lower backbone lr: 0.1 there)."""
     b = model.backbone
     L = len(b.blocks)
-    parts = [(b.patch_embed, decay ** (L + 1)), (b.norm, 1.0)]
-    parts += [(blk, decay ** (L - i)) for i, blk in enumerate(b.blocks)]
+    parts = [(b.patch_embed, backbone * decay ** (L + 1)), (b.norm, backbone)]
+    parts += [(blk, backbone * decay ** (L - i)) for i, blk in enumerate(b.blocks)]
     return parts + [(m, 1.0) for name, m in model.named_children() if name != 'backbone']
 
 
@@ -288,7 +293,8 @@ def main(argv=None):
             print(f'--whiten: {args.whiten} training crops; their tokens\' first principal component: {pc1:.0%}')
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)  # param_groups skips frozen parameters
-    opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay), args.weight_decay), lr=args.lr)
+    opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay, args.backbone_lr),
+                                         args.weight_decay), lr=args.lr)
     in_backbone = {id(p) for p in model.backbone.parameters()}  # for --freeze-epochs (groups never mix the two)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     matcher = MinCostMatcher(method=args.matcher, w_ctr=args.match_centre)

@@ -27,6 +27,9 @@ def test_layer_decay_covers_every_parameter_once_with_decaying_scales():
     assert scale[id(det.backbone.patch_embed.proj.weight)] == 0.5 ** (L + 1)
     assert [scale[id(b.attn.qkv.weight)] for b in det.backbone.blocks] == [0.5 ** (L - i) for i in range(L)]
     assert scale[id(det.cls.weight)] == 1.0 and scale[id(det.backbone.norm.weight)] == 1.0
+    scale = {id(p): g['lr_scale'] for g in param_groups(layer_decay_parts(det, 0.5, 0.1), 0.05) for p in g['params']}
+    assert scale[id(det.backbone.blocks[0].attn.qkv.weight)] == pytest.approx(0.1 * 0.5 ** L)  # --backbone-lr 0.1
+    assert scale[id(det.backbone.norm.weight)] == pytest.approx(0.1) and scale[id(det.cls.weight)] == 1.0
 
 
 def test_frozen_backbone_is_left_out_of_the_optimizer():
