@@ -31,8 +31,9 @@ backbone of the fine-tuned scratch detector (what supervised training puts there
 The transfer: the whole pretrained encoder (--transfer-args adds finetune.py flags to the unfrozen pretrained rows).
 Before the detector had its convolutional spatial prior (finetune.py's default since 2026-12-01) the pretrained
 blocks slowed fine-tuning down and the benchmark kept only the patch embedding ('--reinit-blocks 4'); with the prior
-the whole encoder starts fastest, and with finetune.py's layer decay off (its default since 2026-12-01) it ends ahead
-of scratch (RESULTS.md).
+the whole encoder starts fastest, and with finetune.py's layer decay off (its default since 2026-12-01) it ends level
+with scratch (RESULTS.md). It learns at 0.1x the head's lr (DETR's backbone convention): at 1x the random head's first
+gradients overwrite it (RESULTS.md, 2026-12-02).
 Caching is by command line, the flags it resolves to (defaults included) and CODE_VERSION: a change of a script's
 defaults reruns what it changes; a change of its code only when CODE_VERSION is bumped (else use a fresh OUT, or
 delete OUT/<row>/done.json).
@@ -123,9 +124,10 @@ def main():
     a('--pretrain-batch-size', type=int, default=32, help='pretraining batch (default: %(default)s)')
     a('--pretrain-args', default='--lr 1e-3 --warmup-epochs 3 --target-layers 2 --target-norm instance',
       help='further pretrain.py flags of every pretrained row, one string (default: %(default)s)')
-    a('--transfer-args', default='', help="finetune.py flags of the unfrozen rows that start from a pretrained "
-                                          "encoder, one string (e.g. '--reinit-blocks 4': keep only the patch "
-                                          "embedding; default: none, the whole encoder)")
+    a('--transfer-args', default='--backbone-lr 0.1',
+      help="finetune.py flags of the unfrozen rows that start from a pretrained encoder, one string: the whole "
+           "encoder at 0.1x the head's lr started and ended better than at 1x (RESULTS.md, 2026-12-02); '' = 1x, "
+           "'--reinit-blocks 4' keeps only the patch embedding (default: %(default)s)")
     a('--finetune-args', default='', help='extra finetune.py flags for every row, one string')
     a('--no-probe', action='store_true', help='skip the linear probes (about a minute each)')
     a('--seed', type=int, default=0, help='seed of every run (default: %(default)s)')
