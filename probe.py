@@ -140,12 +140,13 @@ class Probe:
 
 def load_encoder(ckpt_path, which, model, patch_size, seed=0):
     """The ViT of a pretrain.py checkpoint ('context' or 'target'), of a finetune.py checkpoint (its backbone), or
-    random weights ('none': needs model and patch_size). -> (encoder, class-list name or None)."""
+    random weights ('none': needs model and patch_size). -> (encoder, class-list name or None, what was loaded:
+    'context', 'target', 'backbone' or None)."""
     if ckpt_path == 'none':
         if model is None or patch_size is None:
             raise SystemExit('--ckpt none needs --model and --patch-size')
         torch.manual_seed(seed)
-        return build_vit(model, patch_size), None
+        return build_vit(model, patch_size), None, None
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     a = ckpt['args']
     enc = build_vit(a['model'], a['patch_size'])
@@ -153,10 +154,11 @@ def load_encoder(ckpt_path, which, model, patch_size, seed=0):
         enc.load_state_dict(ckpt[which])
     elif 'model' in ckpt:  # finetune.py: the detector's backbone
         enc.load_state_dict({k[len('backbone.'):]: v for k, v in ckpt['model'].items() if k.startswith('backbone.')})
+        which = 'backbone'
     else:
         raise SystemExit(f'{ckpt_path}: neither a pretrain.py checkpoint (context/target) nor a finetune.py one '
                          f'(model); keys: {", ".join(ckpt)}')
-    return enc, a.get('classes')
+    return enc, a.get('classes'), which
 
 
 def _num(v, width=0):
@@ -197,14 +199,14 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    enc, classes = load_encoder(args.ckpt, args.encoder, args.model, args.patch_size, args.seed)
+    enc, classes, part = load_encoder(args.ckpt, args.encoder, args.model, args.patch_size, args.seed)
     class_names = CLASSES[args.classes or classes or 'dota1.0']
     r = Probe(args.data, class_names, enc.patch_size, args.batch_size, args.workers, args.device,
               args.steps)(enc.to(args.device))
     print(f'{r["n_train"]} train / {r["n_val"]} val patches ({r["n_val_object"]} on objects, {r["n_val_small"]} on '
           f'small ones)')
     print(HEADER)
-    print(format_row(args.ckpt if args.ckpt == 'none' else f'{args.ckpt} ({args.encoder})', r))
+    print(format_row(args.ckpt if part is None else f'{args.ckpt} ({part})', r))
     for c, a in enumerate(r['ap']):
         if a is not None:
             print(f'  {class_names[c]:<26}{a:>10.3f}')

@@ -62,9 +62,14 @@ def test_cli_on_random_and_pretrained_encoders(synth, tmp_path, capsys):
     log = [json.loads(line) for line in open(out / 'log.jsonl')]
     probed = [r for r in log if 'probe_obj_ap' in r]
     assert [r['epoch'] for r in probed] == [1, 2] and all(0 <= r['probe_obj_ap'] <= 1 for r in probed)
-    for ckpt, extra in [('none', ['--model', 'test', '--patch-size', '8']), (out / 'last.pt', ['--encoder', 'target'])]:
+    pre = torch.load(out / 'last.pt', weights_only=True)  # a finetune.py checkpoint holds its backbone in 'model'
+    torch.save({'args': pre['args'], 'model': {f'backbone.{k}': v for k, v in pre['context'].items()}},
+               tmp_path / 'det.pt')
+    for ckpt, extra in [('none', ['--model', 'test', '--patch-size', '8']), (out / 'last.pt', ['--encoder', 'target']),
+                        (tmp_path / 'det.pt', [])]:
         probe.main(['--ckpt', str(ckpt), '--data', str(synth), '--workers', '0', '--steps', '20',
                     '--json', str(tmp_path / 'p.json'), *extra])
         r = json.loads((tmp_path / 'p.json').read_text())
         assert r['n_val'] == 4 * 64 and r['n_val_object'] > 0 and 0 <= r['obj_ap'] <= 1
-    assert 'probe mAP' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'probe mAP' in printed and 'last.pt (target)' in printed and 'det.pt (backbone)' in printed
