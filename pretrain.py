@@ -98,7 +98,8 @@ def get_parser():
            '(default: %(default)s)')
     a('--loss', default='mse', choices=['mse', 'smooth_l1'], help='regression loss (default: %(default)s)')
     a('--ema', type=float, nargs=2, default=[0.996, 1.0], metavar=('START', 'END'),
-      help='EMA momentum of the target encoder, rising linearly (default: %(default)s)')
+      help='EMA momentum of the target encoder, rising linearly; 1 1 keeps the target at its random init '
+           '(an ablation, RESULTS.md) (default: %(default)s)')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
     a('--amp', default='bf16', choices=['bf16', 'fp16', 'off'], help='autocast on CUDA (fp16 adds loss scaling); '
                                                                      'the CPU runs float32 (default: %(default)s)')
