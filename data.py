@@ -102,6 +102,22 @@ class DOTADataset(torch.utils.data.Dataset):
                             'difficult': np.asarray(t.get('difficult', []), np.int64).reshape(-1) > 0})
         return files, targets, content
 
+    def keep_sources(self, fraction):
+        """Keep the tiles of a fraction of the source images, for fine-tuning on fewer labels than the pretraining
+        saw images: of the N sources in name order, the k-th kept is floor(k / fraction) for k < ceil(N x fraction),
+        evenly spaced and exact for 1/n (every 4th for 0.25, the first always). A tile's source is its name up to
+        the first '__' (prepare.py split's naming), so the tiles of one image stay together. -> (kept, N) sources."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f'fraction must be in (0, 1], got {fraction}')
+        sources = [f.stem.split('__')[0] for f in self.files]
+        names = sorted(set(sources))
+        picks = np.floor(np.arange(math.ceil(len(names) * fraction - 1e-9)) / fraction + 1e-9).astype(int)
+        chosen = {names[k] for k in picks}
+        keep = [i for i, s in enumerate(sources) if s in chosen]
+        self.files, self.targets, self.content = ([v[i] for i in keep]
+                                                  for v in (self.files, self.targets, self.content))
+        return len(chosen), len(names)
+
     @property
     def ndim(self):
         return 5 if self.kind == 'obb' else 4

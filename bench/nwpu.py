@@ -3,6 +3,7 @@
     python bench/nwpu.py                                   # scratch vs jepa-object, equal fine-tuning epochs
     python bench/nwpu.py --budget both                     # + the pretrained rows at an equal total budget
     python bench/nwpu.py --rows all --out runs/nwpu        # the four rows of the seed (and the frozen checks)
+    python bench/nwpu.py --label-fraction 0.25             # pretrain on every train image, fine-tune on a quarter
 
 The data: ../shared/nwpu_vhr10 (or --src, or $NWPU_VHR10), real Google Earth / Vaihingen images in the DOTA layout,
 cut once by `prepare.py split --size 512 --gap 128 --rates 0.5` into OUT/data/{train,val} (496 / 83 tiles; at half
@@ -128,6 +129,10 @@ def main():
       help="finetune.py flags of the unfrozen rows that start from a pretrained encoder, one string: the whole "
            "encoder at 0.1x the head's lr started and ended better than at 1x (RESULTS.md, 2026-12-02); '' = 1x, "
            "'--reinit-blocks 4' keeps only the patch embedding (default: %(default)s)")
+    a('--label-fraction', type=float, default=1.0,
+      help="F < 1: every row fine-tunes on the tiles of a fraction F of train's images (finetune.py "
+           '--label-fraction) while the pretrainings see them all; rows are named <row>@<F>labels, so the same OUT '
+           'reuses its pretrainings (default: %(default)s)')
     a('--finetune-args', default='', help='extra finetune.py flags for every row, one string')
     a('--no-probe', action='store_true', help='skip the linear probes (about a minute each)')
     a('--seed', type=int, default=0, help='seed of every run (default: %(default)s)')
@@ -138,13 +143,14 @@ def main():
         raise SystemExit(f'unknown rows {sorted(set(rows) - set(ROWS))}; known: {", ".join(ROWS)}')
     budgets = ['epochs', 'total'] if args.budget == 'both' else [args.budget]
     out = Path(args.out).resolve()
+    tag = f'@{args.label_fraction:g}labels' if args.label_fraction < 1 else ''  # the fine-tunes' folders and rows
     data = out / 'data'
     prepare(Path(args.src).resolve(), data)
     common = ['--data', data, '--device', 'cpu', '--workers', 2, '--seed', args.seed]
     # --fine 0: at half resolution 41 of NWPU's 2,455 train objects and none of val's are under 16 px, so the second
     # map (finetune.py's default, for such objects) would cost 1.4x per step for nothing it is scored on
     finetune = ['--img-size', args.img_size, '--batch-size', 8, '--eval-every', 2, '--fine', 0,
-                *args.finetune_args.split()]
+                *args.finetune_args.split(), *(['--label-fraction', args.label_fraction] if tag else [])]
 
     def probe(name, ckpt, encoder='context', size=()):
         """The probe of one encoder, cached like a pretraining -> its numbers (None with --no-probe)."""
@@ -188,7 +194,7 @@ def main():
                     left = 1
                 cells[f'{name}@total'] = (pre_minutes[source], pre / 'last.pt', left)
         for cell, (minutes, ckpt, epochs) in cells.items():
-            row = out / cell
+            row = out / (cell + tag)
             ft_minutes = cached(row / 'finetune', ['finetune.py', '--ckpt', ckpt, *(size if ckpt == 'none' else []),
                                                    *common, *frozen, '--epochs', epochs, *finetune,
                                                    *(args.transfer_args.split() if ckpt != 'none' and not frozen
@@ -196,17 +202,18 @@ def main():
                                                    '--out', row / 'finetune'], row / 'finetune.log')
             if cell == 'scratch':
                 epoch_minutes = ft_minutes / epochs
-                probes['fine-tuned scratch backbone'] = probe('scratch-finetuned', row / 'finetune' / 'best.pt')
+                probes['fine-tuned scratch backbone'] = probe(f'scratch-finetuned{tag}', row / 'finetune' / 'best.pt')
             run(row / 'evaluate.log', 'evaluate.py', '--ckpt', row / 'finetune' / 'best.pt', '--device', 'cpu',
                 '--workers', 2, '--sizes', '--json', row / 'eval.json')
             r = json.loads((row / 'eval.json').read_text())
             start = probes.get(f'{source} (context)' if source in PRETRAIN else 'random weights') or {}
             r['extra'] = {'epochs': epochs, 'loss/base': ratios.get(source), 'probe obj': start.get('obj_ap'),
                           'probe small': start.get('small_ap')}
-            results[cell] = (r, minutes + ft_minutes)
+            results[cell + tag] = (r, minutes + ft_minutes)
     n_val = len(json.loads((data / 'val' / 'manifest.json').read_text())['tiles'])
     print(f'\nNWPU VHR-10 val ({n_val} half-resolution tiles of held-out images), {args.model} ViT/{args.patch_size}, '
-          f'{args.epochs} fine-tuning epochs; pretraining: {args.pretrain_epochs} epochs of {args.pretrain_img_size}² '
+          f'{args.epochs} fine-tuning epochs{f" on {args.label_fraction:g} of the train images" if tag else ""}; '
+          f'pretraining: {args.pretrain_epochs} epochs of {args.pretrain_img_size}² '
           f'crops ({args.pretrain_args}); @total: fine-tuned for what the pretraining left of the budget')
     print_table(results, ('small', 'medium'), extra=('epochs', 'loss/base', 'probe obj', 'probe small'))
     if probes and not args.no_probe:

@@ -39,6 +39,16 @@ def test_every_kind_of_row_runs_and_leaves_a_checkpoint_a_probe_and_a_table(tmp_
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count('# reused') == 2 + 6 + 5  # pretrainings, fine-tunes, probes
     assert again.stdout[again.stdout.index('row '):] == p.stdout[p.stdout.index('row '):]
+    # half the labels: new fine-tunes in rows of their own, the pretraining on every image reused
+    cmd[cmd.index(rows)] = 'scratch,jepa-object'
+    half = subprocess.run([*cmd, '--label-fraction', '0.5'], capture_output=True, text=True, timeout=600)
+    assert half.returncode == 0, half.stdout[-3000:] + half.stderr[-3000:]
+    assert f'# reused {tmp_path / "out" / "jepa-object" / "pretrain"}' in half.stdout
+    for cell in ('scratch@0.5labels', 'jepa-object@0.5labels', 'jepa-object@total@0.5labels'):
+        assert (tmp_path / 'out' / cell / 'finetune' / 'best.pt').exists()
+        assert '4 train tiles of 4 of 8 source images' in (tmp_path / 'out' / cell / 'finetune.log').read_text()
+    assert set(json.loads((tmp_path / 'out' / 'results.json').read_text())['rows']) == {
+        'scratch@0.5labels', 'jepa-object@0.5labels', 'jepa-object@total@0.5labels'}
 
 
 def test_the_real_set_cuts_into_the_documented_half_resolution_tiles(nwpu, tmp_path):

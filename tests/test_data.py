@@ -331,3 +331,18 @@ def test_a_training_crop_knows_where_it_was_cut_and_a_whole_image_starts_at_zero
     # the model's offset: (top, left) in patches, fractional where a crop starts inside a patch
     offsets = crop_offsets([{'origin': (16, 40)}, {'origin': (0, 0)}, {'origin': (3, 8)}], 16, 'cpu')
     assert offsets.dtype == torch.float32 and offsets.tolist() == [[1.0, 2.5], [0.0, 0.0], [0.1875, 0.5]]
+
+
+def test_keep_sources_keeps_whole_images_evenly_spaced(tmp_path):
+    from prepare import split
+    make_synthetic(tmp_path / 'src', n_train=10, n_val=1, size=64, seed=1)
+    split(tmp_path / 'src' / 'train', tmp_path / 'tiles' / 'train', size=32, gap=0, fmt='png', workers=1, classes=V1)
+    ds = DOTADataset(tmp_path / 'tiles', 'train', V1)
+    boxes = {f.stem: t['boxes'] for f, t in zip(ds.files, ds.targets)}
+    assert ds.keep_sources(0.25) == (3, 10)  # ceil(10 / 4) sources: the 1st, 5th and 9th
+    assert sorted({f.stem.split('__')[0] for f in ds.files}) == ['S00000', 'S00004', 'S00008']
+    assert len(ds) == len(ds.targets) == len(ds.content) == 12  # every tile of a kept image, lists still aligned
+    assert all(np.array_equal(boxes[f.stem], t['boxes']) for f, t in zip(ds.files, ds.targets))
+    assert ds.keep_sources(1.0) == (3, 3) and len(ds) == 12
+    with pytest.raises(ValueError, match=r'fraction must be in \(0, 1\]'):
+        ds.keep_sources(0)

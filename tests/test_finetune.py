@@ -264,3 +264,14 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
     model, _ = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
     out = model.eval()(torch.zeros(1, 3, 32, 32))
     assert model.fine == 12 and out['logits'].shape[1] == 4 * 4 + 8 * 8
+
+
+def test_label_fraction_trains_on_the_tiles_of_fewer_images(tmp_path, capsys):
+    from finetune import main
+    make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
+    main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'), '--img-size',
+          '32', '--batch-size', '2', '--epochs', '1', '--head-dim', '32', '--workers', '0', '--device', 'cpu',
+          '--label-fraction', '0.5', '--out', str(tmp_path / 'run')])
+    out = capsys.readouterr().out
+    assert '--label-fraction 0.5: 4 train tiles of 4 of 8 source images' in out
+    assert '4 train / 2 val images' in out  # what the detector trained on, val unchanged
