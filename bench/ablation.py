@@ -49,10 +49,11 @@ def print_table(results, bins, extra=()):
     each size bin ('-' where val has no object of that size), minutes; `extra` names columns taken from the dict's
     'extra' entry (numbers; '-' where None)."""
     cell = lambda v, w: f'{v:>{w}.3f}' if isinstance(v, float) else f'{"-" if v is None else v:>{w}}'  # noqa: E731
-    print(f'{"row":<20}' + ''.join(f'{e:>12}' for e in extra) + f'{"mAP50":>8}{"mAP50-95":>10}' +
+    w = max([20] + [len(name) + 2 for name in results])  # names like jepa-object@total@0.25labels
+    print(f'{"row":<{w}}' + ''.join(f'{e:>12}' for e in extra) + f'{"mAP50":>8}{"mAP50-95":>10}' +
           ''.join(f'{"AP50 " + b:>13}' for b in bins) + f'{"minutes":>9}')
     for name, (r, minutes) in results.items():
-        print(f'{name:<20}' + ''.join(cell(r['extra'][e], 12) for e in extra) + f'{r["map50"]:>8.3f}{r["map"]:>10.3f}'
+        print(f'{name:<{w}}' + ''.join(cell(r['extra'][e], 12) for e in extra) + f'{r["map50"]:>8.3f}{r["map"]:>10.3f}'
               + ''.join(cell(r['sizes'][b]['map50'], 13) for b in bins) + f'{minutes:>9.1f}')
 
 
