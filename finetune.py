@@ -280,7 +280,7 @@ def main(argv=None):
     root = resolve_data(args.data)
     ds = DOTADataset(root, 'train', class_names, args.img_size, train=True, strict=args.strict,
                      flips=not args.no_flips, boxes=args.boxes, scale=args.scale)
-    if args.label_fraction < 1:
+    if args.label_fraction != 1:  # a value outside (0, 1] gets keep_sources' error, not silence
         kept, of = ds.keep_sources(args.label_fraction)
         if main0:
             print(f'--label-fraction {args.label_fraction:g}: {len(ds)} train tiles of {kept} of {of} source '

@@ -143,7 +143,7 @@ def main():
         raise SystemExit(f'unknown rows {sorted(set(rows) - set(ROWS))}; known: {", ".join(ROWS)}')
     budgets = ['epochs', 'total'] if args.budget == 'both' else [args.budget]
     out = Path(args.out).resolve()
-    tag = f'@{args.label_fraction:g}labels' if args.label_fraction < 1 else ''  # the fine-tunes' folders and rows
+    tag = f'@{args.label_fraction:g}labels' if args.label_fraction != 1 else ''  # the fine-tunes' folders and rows
     data = out / 'data'
     prepare(Path(args.src).resolve(), data)
     common = ['--data', data, '--device', 'cpu', '--workers', 2, '--seed', args.seed]
