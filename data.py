@@ -157,6 +157,8 @@ class DOTADataset(torch.utils.data.Dataset):
         turned = 'flips' in target and bool(target['flips'][0])
         target.update(boxes=boxes, labels=labels, difficult=diff, origin=origin[::-1] if turned else origin,
                       size=tuple(img.shape[1::-1] if turned else img.shape[:2]))  # (h, w) as the model will see it
+        if not self.train and within:  # the whole tile: its image part (h, w) at the top left, the rest padding
+            target['content'] = within
         return img, target
 
 

@@ -7,8 +7,9 @@
 
 Every patch token of the train and val images (whole images, no crop) gets a label: the class of the smallest
 object that covers the patch centre, or whose own centre falls in the patch (so an object smaller than a patch
-still labels one token), else background; patches in the padding are left out. A softmax-linear classifier
-(classes + background) is fitted on the standardized frozen features of the train images and scored on val:
+still labels one token), else background; patches in the padding are left out: the batch's, and a padded tile's
+beyond the image part its `prepare.py split` manifest records (42 % of NWPU's half-resolution tiles). A softmax-linear
+classifier (classes + background) is fitted on the standardized frozen features of the train images and scored on val:
 - `map`: mean over classes of the patch-level average precision of that class's probability;
 - `obj_ap`: object vs background, scored by 1 - p(background);
 - `small_ap`: the same for the patches of small objects (sqrt(area) < 32 px) against background, other object
@@ -68,7 +69,8 @@ def extract(encoder, loader, device, background):
         gh, gw = x.shape[-2] // p, x.shape[-1] // p
         f = encoder(x).float().cpu()  # (B, N, D)
         for b, t in enumerate(targets):
-            lab, sm = patch_labels(t['boxes'], t['labels'], gh, gw, p, t['size'], background)
+            size = t.get('content', t['size'])  # a padded tile's image part: its padding is not background
+            lab, sm = patch_labels(t['boxes'], t['labels'], gh, gw, p, size, background)
             keep = lab >= 0
             feats.append(f[b, keep])
             labels.append(lab[keep])

@@ -59,6 +59,8 @@ from ablation import ROOT, print_table, run  # noqa: E402
 # old OUT reruns it. 2: crops keep their position in the tile (data.py 'origin', 2026-12-01). 3: pretraining crops
 # stay inside each tile's image part (the manifest's 'content'; 42 % of these tiles' pixels are padding).
 CODE_VERSION = 3
+# The probes' own version: 4 leaves a padded tile's padding out of the patches it scores (it was background)
+PROBE_VERSION = 4
 PRETRAIN = {'jepa-object': ['--mask', 'object'], 'jepa-random': ['--mask', 'random'],
             'pixels-random': ['--mask', 'random', '--target', 'pixels']}
 ROWS = ['scratch', 'jepa-object', 'jepa-random', 'pixels-random', 'scratch-frozen', 'jepa-object-frozen']
@@ -83,17 +85,17 @@ def resolved(cmd):
     return {k: str(v) for k, v in vars(parser.parse_args([str(c) for c in cmd[1:]])).items()}
 
 
-def cached(folder, cmd, log):
+def cached(folder, cmd, log, version=CODE_VERSION):
     """Run `cmd` (a list) unless folder/done.json records the same command resolving to the same flags under the
-    same CODE_VERSION (so a change of a script's defaults reruns it; a change of its code only when CODE_VERSION is
+    same `version` (so a change of a script's defaults reruns it; a change of its code only when the version is
     bumped). -> its minutes (the first run's)."""
     done, key, flags = folder / 'done.json', [str(c) for c in cmd], resolved(cmd)
     record = json.loads(done.read_text()) if done.exists() else {}
-    if record.get('cmd') == key and record.get('args') == flags and record.get('version', 1) == CODE_VERSION:
+    if record.get('cmd') == key and record.get('args') == flags and record.get('version', 1) == version:
         print(f'# reused {folder} (same command, same defaults, same code version)')
         return record['minutes']
     minutes = run(log, *cmd) / 60
-    done.write_text(json.dumps({'cmd': key, 'args': flags, 'version': CODE_VERSION, 'minutes': minutes}))
+    done.write_text(json.dumps({'cmd': key, 'args': flags, 'version': version, 'minutes': minutes}))
     return minutes
 
 
@@ -159,7 +161,7 @@ def main():
         folder = out / 'probes' / name
         folder.mkdir(parents=True, exist_ok=True)
         cached(folder, ['probe.py', '--ckpt', ckpt, '--encoder', encoder, *size, '--data', data, '--workers', 2,
-                        '--json', folder / 'probe.json'], folder / 'probe.log')
+                        '--json', folder / 'probe.json'], folder / 'probe.log', PROBE_VERSION)
         return json.loads((folder / 'probe.json').read_text())
 
     pre_minutes, results, probes, ratios, epoch_minutes = {}, {}, {}, {}, None

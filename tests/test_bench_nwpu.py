@@ -80,6 +80,8 @@ def test_the_cache_reruns_a_step_whose_defaults_or_code_version_changed(tmp_path
     (tmp_path / 'done.json').write_text(json.dumps(record))
     nwpu.cached(tmp_path, cmd, tmp_path / 'log')
     assert len(calls) == 3
+    nwpu.cached(tmp_path, cmd, tmp_path / 'log', nwpu.PROBE_VERSION)  # a probe's own version: a probe of before,
+    assert len(calls) == 4 and nwpu.PROBE_VERSION != nwpu.CODE_VERSION  # with the padding as background, reruns
 
 
 def test_a_cut_without_the_image_parts_is_redone(tmp_path, monkeypatch):
