@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project is a flat folder of scripts, not a package
@@ -16,6 +17,14 @@ def dota_sample():
     if not (path / 'labelTxt').is_dir():
         pytest.skip(f'real DOTA sample not found at {path} (set DOTA_SAMPLE to its folder)')
     return path
+
+
+def make_source(folder, img, lines):
+    """A one-image DOTA source folder: folder/images/X1.png (img, (H, W, 3) uint8) and its label file (lines)."""
+    (folder / 'images').mkdir(parents=True)
+    (folder / 'labelTxt').mkdir()
+    Image.fromarray(img).save(folder / 'images' / 'X1.png')
+    (folder / 'labelTxt' / 'X1.txt').write_text('imagesource:test\ngsd:1\n' + ''.join(line + '\n' for line in lines))
 
 
 def dets(boxes, scores, labels=None):

@@ -5,9 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, make_source
 from data import DOTADataset
 from labels import CLASSES, LabelError, parse_label_file, parse_tile_name, read_image
 from obb import clip_to_rect, obb_to_poly, poly_to_obb, polygon_area, polygon_iou
@@ -96,13 +95,6 @@ def test_split_real_sample(dota_sample, tmp_path):
         assert (got[:, :2] >= hbb[:, :2] - 0.01).all() and (got[:, 2:] <= hbb[:, 2:] + 0.01).all()
         assert target['labels'].tolist() == labels.tolist() and img.shape == (512, 512, 3)
         np.testing.assert_allclose(ds_obb.targets[i]['boxes'], poly_to_obb(p), atol=0.01)
-
-
-def make_source(folder, img, lines):
-    (folder / 'images').mkdir(parents=True)
-    (folder / 'labelTxt').mkdir()
-    Image.fromarray(img).save(folder / 'images' / 'X1.png')
-    (folder / 'labelTxt' / 'X1.txt').write_text('imagesource:test\ngsd:1\n' + ''.join(line + '\n' for line in lines))
 
 
 def test_the_manifest_records_the_image_part_and_training_crops_stay_in_it(tmp_path):

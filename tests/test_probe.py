@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import pretrain
 import probe
+from conftest import make_source
 from data import make_loader
 from labels import CLASSES
 from model import build_vit
@@ -52,20 +52,16 @@ def test_probe_scores_find_a_linearly_encoded_class_and_not_noise():
     assert good['small_ap'] is None  # no small-object patches in val
 
 
-
 def test_the_padding_of_a_split_tile_is_not_background(tmp_path):
     # a 180 x 120 px image cut into 128^2 tiles: two tiles, each padded from row 120 down; with 16 px patches the
     # image part holds 8 columns x 7 rows of patch centres (row 7's centre is at 120), the padding the 8th row
-    src = tmp_path / 'src'
-    (src / 'images').mkdir(parents=True)
-    (src / 'labelTxt').mkdir()
-    Image.fromarray(np.full((120, 180, 3), 50, np.uint8)).save(src / 'images' / 'X1.png')
-    (src / 'labelTxt' / 'X1.txt').write_text('10 10 40 10 40 30 10 30 small-vehicle 0\n')
-    split(src, tmp_path / 'data' / 'val', size=128, gap=32, fmt='png', workers=1, classes=CLASSES['dota1.0'])
+    make_source(tmp_path / 'src', np.full((120, 180, 3), 50, np.uint8), ['10 10 40 10 40 30 10 30 small-vehicle 0'])
+    split(tmp_path / 'src', tmp_path / 'data' / 'val', size=128, gap=32, fmt='png', workers=1, classes=CLASSES['dota1.0'])
     loader = make_loader(tmp_path / 'data', 'val', CLASSES['dota1.0'], None, 2, False, 0, 16)
     _, label, _ = probe.extract(build_vit('test', 16), loader, 'cpu', background=15)
     assert len(label) == 2 * 8 * 7  # 2 * 8 * 8 when the padding row counted as background
     assert (label == 15).sum() == len(label) - 1  # the car (30 x 20 px, first tile) covers the centre (24, 24)
+
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
