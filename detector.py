@@ -6,7 +6,9 @@
     -> encoder stage: at every cell, class scores and a box (dense; trained one-to-one on its own)
     -> the top-K cells by score become queries (RT-DETR / DINO two-stage query selection)
     -> `dec_layers` decoder layers (self-attention among queries, cross-attention to the map, FFN), each refining
-       the boxes of the layer before and predicting class scores; the last layer is the output.
+       the boxes of the layer before and correcting the class scores of the cell it started from (zero at the
+       start: the decoder begins as the dense stage and learns what that cannot, e.g. that a neighbouring query
+       already claims the object); the last layer is the output.
 With dec_layers = 0 the dense encoder stage is the output (the fallback and an ablation). No NMS inside a tile:
 one-to-one matching teaches the model not to predict an object twice.
 Boxes are axis-aligned (x1, y1, x2, y2), or with obb=True oriented (cx, cy, w, h, theta) as obb.py defines them;
@@ -177,9 +179,9 @@ class Detector(nn.Module):
             self.cls_fine = nn.Conv2d(d * (2 if max_filter else 1), num_classes, 3, padding=1)
             self.box_fine = nn.Conv2d(d, 6 if obb else 4, 3, padding=1)
         prior = -math.log(99)  # probability 0.01 at the start: the focal loss starts stable
-        for m in [self.cls, *self.dec_cls] + ([self.cls_o2m] if o2m else []) + ([self.cls_fine] if fine else []):
+        for m in [self.cls] + ([self.cls_o2m] if o2m else []) + ([self.cls_fine] if fine else []):
             nn.init.constant_(m.bias, prior)
-        for m in [self.box, *(b[-1] for b in self.dec_box)] + ([self.box_o2m] if o2m else []) + \
+        for m in [self.box, *self.dec_cls, *(b[-1] for b in self.dec_box)] + ([self.box_o2m] if o2m else []) + \
                 ([self.box_fine] if fine else []):  # the cell / ref box
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -254,6 +256,7 @@ class Detector(nn.Module):
         q = self.query(take(mem))  # (B, K, Dh)
         ref = torch.cat([take(cxcy), take(wh)] + ([take(theta)] if self.obb else []), -1).detach()  # (B, K, 4|5)
         start = take(dense['centres'])  # (B, K, 2) the cells the queries come from: the matcher's centre prior
+        base = take(dense['logits']).detach()  # (B, K, C): each layer's class logits are base + a learned correction
         grid = dense['centres'][0] / self.stride - 0.5  # (M, 2) cell coordinates, the units of q_pos below
         mem_pos = torch.cat([sincos(grid, mem.shape[-1] // 2), torch.zeros_like(mem[0, :, mem.shape[-1] // 2:])], -1)
         outs = []
@@ -269,7 +272,7 @@ class Detector(nn.Module):
             s2 = ref[..., 2:4] * dd[..., 2:4].clamp(-4, 4).exp()
             box = torch.cat([c2, s2, ref[..., 4:] + dd[..., 4:]], -1) if self.obb else \
                 torch.cat([c2 - s2 / 2, c2 + s2 / 2], -1)
-            outs.append({'logits': cls_head(q), 'boxes': box, 'centres': start, 'stride': self.stride})
+            outs.append({'logits': base + cls_head(q), 'boxes': box, 'centres': start, 'stride': self.stride})
             ref = (box if self.obb else torch.cat([c2, s2], -1)).detach()
         return {**outs[-1], 'aux': outs[:-1], 'dense': dense, **extra}
 

@@ -158,6 +158,11 @@ def test_query_selection_and_decoder_output_count():
     # the queries are the 40 cells with the highest encoder-stage score, and start from their boxes
     best = out['dense']['logits'].amax(-1).topk(40, dim=1).indices
     torch.testing.assert_close(out['centres'], out['dense']['centres'].gather(1, best[..., None].expand(-1, -1, 2)))
+    # at the start each layer is the dense stage at its cells: the same scores and boxes, corrections learned later
+    take = lambda t: t.gather(1, best[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    for o in out['aux'] + [out]:
+        assert torch.equal(o['logits'], take(out['dense']['logits']))
+        torch.testing.assert_close(o['boxes'], take(out['dense']['boxes']))
     assert Detector(build_vit('test', 8), 3, 32, num_queries=1000)(x)['logits'].shape == (2, 96, 3)  # K <= cells
 
 
