@@ -162,6 +162,10 @@ class Detector(nn.Module):
             self.box_o2m = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
         if dec_layers:  # (only then: DDP requires every parameter to take part in the loss)
             self.query = nn.Sequential(nn.Linear(head_dim, head_dim), nn.LayerNorm(head_dim))  # cell feature -> query
+            # the dense stage's class scores -> query content: the scores each layer corrects must be visible to the
+            # self-attention to be corrected by it ("a neighbour holds the same box at a higher score": Relation
+            # Networks' duplicate removal reads the score's rank the same way)
+            self.score_in = nn.Linear(num_classes, head_dim)
             self.size_pos = nn.Linear(head_dim // 2, head_dim // 2)  # sinusoids of log (w, h) -> half a query position
         self.layers = nn.ModuleList(DecoderLayer(head_dim, heads) for _ in range(dec_layers))
         self.dec_cls = nn.ModuleList(nn.Linear(head_dim, num_classes) for _ in range(dec_layers))
@@ -253,10 +257,10 @@ class Detector(nn.Module):
         K = min(self.num_queries, mem.shape[1])
         idx = dense['logits'].detach().amax(-1).topk(K, dim=1).indices  # (B, K)
         take = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731 (B, M, n) -> (B, K, n)
-        q = self.query(take(mem))  # (B, K, Dh)
+        base = take(dense['logits']).detach()  # (B, K, C): each layer's class logits are base + a learned correction
+        q = self.query(take(mem)) + self.score_in(base.sigmoid().to(mem.dtype))  # (B, K, Dh)
         ref = torch.cat([take(cxcy), take(wh)] + ([take(theta)] if self.obb else []), -1).detach()  # (B, K, 4|5)
         start = take(dense['centres'])  # (B, K, 2) the cells the queries come from: the matcher's centre prior
-        base = take(dense['logits']).detach()  # (B, K, C): each layer's class logits are base + a learned correction
         grid = dense['centres'][0] / self.stride - 0.5  # (M, 2) cell coordinates, the units of q_pos below
         mem_pos = torch.cat([sincos(grid, mem.shape[-1] // 2), torch.zeros_like(mem[0, :, mem.shape[-1] // 2:])], -1)
         outs = []
