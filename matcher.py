@@ -291,8 +291,8 @@ def detector_loss(out, targets, matcher, **kw):
     total, parts, matches = detection_loss(out, targets, matcher, **kw)
     for aux in out.get('aux', []):
         total = total + detection_loss(aux, targets, matcher, matches=matches, **kw)[0]
-    if 'dense' in out:
-        dense = detection_loss(out['dense'], targets, matcher, **kw)[0]
+    if 'dense' in out:  # w_near is for the output: the stage that selects the queries keeps its neighbours' recall
+        dense = detection_loss(out['dense'], targets, matcher, **{**kw, 'w_near': 0.0})[0]
         total, parts['enc'] = total + dense, dense.detach()
     if 'o2m' in out:  # the training-only one-to-many head, each GT matched to its top-k cells
         many = detection_loss(out['o2m'], targets, matcher, **kw)[0]

@@ -266,6 +266,11 @@ def test_near_negatives_weight_the_matched_cells_neighbours_for_its_class(cell, 
     parts = [detection_loss(out, t, None, cls_loss='varifocal', matches=match, w_near=w)[1]['cls'] for w in (0, 1)]
     # at p = 0.5 a negative costs 0.75 * 0.5^2 * log 2 (focal) or log 2 (plain): only the neighbours, only class 1
     assert float(parts[1] - parts[0]) == pytest.approx(n_near * (1 - 0.75 * 0.25) * math.log(2), rel=1e-5)
+    # with a decoder the push is on its output (and aux layers) only: the dense stage that selects the queries
+    # keeps its neighbours' scores, and so its recall
+    dec = {**out, 'aux': [out], 'dense': out}
+    enc = [detector_loss(dec, t, MinCostMatcher(), cls_loss='varifocal', w_near=w)[1]['enc'] for w in (0, 1)]
+    assert enc[0] == enc[1]
 
 
 def test_the_detector_places_a_crop_where_its_origin_says():
