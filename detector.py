@@ -30,12 +30,6 @@ def sincos(v, dim):
     return torch.cat([a.sin(), a.cos()], -1).flatten(-2)
 
 
-def tower(c_in, width, n):
-    """n x (3x3 conv, GroupNorm, GELU), c_in -> width channels (an empty Sequential, the identity, when n = 0)."""
-    return nn.Sequential(*(m for i in range(n) for m in (nn.Conv2d(c_in if i == 0 else width, width, 3, padding=1),
-                                                        nn.GroupNorm(8, width), nn.GELU())))
-
-
 class MultiheadAttention(nn.Module):
     """Attention of queries (B, Nq, D) over keys (B, Nk, D) and values (B, Nk, D) via SDPA."""
 
@@ -126,13 +120,10 @@ class Detector(nn.Module):
     fine=T > 0 (dense head only): a second level at stride / 2, half the head's width, with its own pixel detail
     (a SpatialPrior at its stride) and its own class and box convolutions; its cells may only be matched to objects
     under T px (longer side), the coarse level's to the rest (matcher.py). Both levels' cells form one output.
-    towers=n > 0: n (3x3 conv, GroupNorm, GELU) layers of width head_dim / 2 before the class conv and n before the
-    box conv (YOLOv8's and FCOS's per-branch convolutions). Without them the class and box convolutions are linear
-    in the neck's map plus the spatial prior: what the token says and what the pixels say are only added.
     """
 
     def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
-                 obb=False, o2m=0, max_filter=False, spatial_prior=False, adapt=False, peak=False, fine=0, towers=0):
+                 obb=False, o2m=0, max_filter=False, spatial_prior=False, adapt=False, peak=False, fine=0):
         super().__init__()
         self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
         self.o2m, self.max_filter, self.fine = o2m, max_filter, fine
@@ -151,12 +142,9 @@ class Detector(nn.Module):
         # max_filter: the class scores also see how far each cell's features are below their 3 x 3 neighbourhood's
         # maximum, so that of two neighbours seeing the same object only one need fire (DeFCN's max filtering,
         # one scale): a one-to-one head without NMS otherwise has to tell near-identical cells apart
-        c_cls, c_box, t = head_dim * (2 if max_filter else 1), head_dim, head_dim // 2
-        self.cls_tower, self.box_tower = tower(c_cls, t, towers), tower(c_box, t, towers)  # identities at 0
-        c_cls, c_box = (t, t) if towers else (c_cls, c_box)
-        self.cls = nn.Conv2d(c_cls, num_classes, 3, padding=1)
-        self.box = nn.Conv2d(c_box, 6 if obb else 4, 3, padding=1)
-        self.peak = PeakFilter(c_box, num_classes) if peak else None  # the one-to-one head's only
+        self.cls = nn.Conv2d(head_dim * (2 if max_filter else 1), num_classes, 3, padding=1)
+        self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
+        self.peak = PeakFilter(head_dim, num_classes) if peak else None  # the one-to-one head's only
         if o2m:  # a second dense head on the same map, trained one-to-many and used in training only (YOLOv10)
             self.cls_o2m = nn.Conv2d(head_dim, num_classes, 3, padding=1)
             self.box_o2m = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
@@ -244,7 +232,7 @@ class Detector(nn.Module):
         if self.prior is not None:
             f = f + self.prior(x)  # (B, Dh, h, w): each cell's own local detail
         g = torch.cat([f, f - F.max_pool2d(f, 3, 1, 1)], 1) if self.max_filter else f  # (B, Dh or 2 Dh, h, w)
-        dense, (cxcy, wh, theta) = self.dense(self.box_tower(f), self.cls, self.box, self.cls_tower(g), self.peak)
+        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, g, self.peak)
         if self.fine:
             return self.fine_level(f, x, dense)
         extra = {}

@@ -272,8 +272,7 @@ def load_detector(path, device):
                      a.get('stride', 8), a.get('dec_layers', 0), a.get('num_queries', 1000),
                      obb=a.get('boxes', 'hbb') == 'obb', max_filter=a.get('max_filter', False),
                      spatial_prior=a.get('spatial_prior', False), adapt=a.get('whiten', 0) > 0,
-                     peak=a.get('peak_filter', False), fine=a.get('fine', 0),
-                     towers=a.get('towers', 0))
+                     peak=a.get('peak_filter', False), fine=a.get('fine', 0))
     own = model.state_dict()  # not needed to predict: the training-only one-to-many head (--o2m) and, in
     # checkpoints before 2026-11-30, a dense-only model's unused query layers
     model.load_state_dict({k: v for k, v in ckpt['model'].items() if k in own or

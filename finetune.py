@@ -120,9 +120,6 @@ def get_parser():
                                                                  '(default: %(default)s)')
     ap.add_argument('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
     ap.add_argument('--head-dim', type=int, default=128, help='width of the detection head (default: %(default)s)')
-    ap.add_argument('--towers', type=int, default=0, help='n > 0: n 3x3 convolutions (GroupNorm, GELU; width '
-                    '--head-dim / 2) before the class conv and n before the box conv, as in YOLOv8\'s head '
-                    '(default: %(default)s)')
     ap.add_argument('--stride', type=int, default=8, help='stride of the prediction map: the patch size divided by a '
                                                           'power of 2 (patch 16: 16 or 8; patch 8: 8 or 4) (default: '
                                                           '%(default)s)')
@@ -208,7 +205,7 @@ def build(args):
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
                     args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m,
                     max_filter=args.max_filter, spatial_prior=args.spatial_prior, adapt=args.whiten > 0,
-                    peak=args.peak_filter, fine=args.fine, towers=args.towers)
+                    peak=args.peak_filter, fine=args.fine)
 
 
 def layer_decay_parts(model, decay, backbone=1.0):

@@ -225,23 +225,6 @@ def test_peak_filter_starts_as_the_plain_head_and_learns_from_the_class_loss():
     assert y[2, 2] == 0 and y[2, 3] < 0 and y[1, 1] < 0 and y[0, 0] == 0 and (y[1:4, 1:4] < 0).sum() == 8
 
 
-def test_towers_put_convolutions_of_half_the_head_width_before_the_class_and_box_convs():
-    torch.manual_seed(0)
-    plain, det = (Detector(build_vit('test', 8), 3, 32, dec_layers=0, spatial_prior=True, towers=n) for n in (0, 2))
-    assert len(plain.cls_tower) == 0 and plain.cls.in_channels == 32  # the identity: the head as before
-    assert [m.out_channels for m in det.cls_tower if isinstance(m, torch.nn.Conv2d)] == [16, 16]
-    assert det.cls.in_channels == det.box.in_channels == 16
-    out = det(torch.randn(2, 3, 32, 32))
-    assert out['logits'].shape == (2, 16, 3) and out['boxes'].shape == (2, 16, 4)
-    t = {'boxes': torch.tensor([[4.0, 4, 20, 20]]), 'labels': torch.tensor([1])}
-    opt = torch.optim.SGD(det.parameters(), lr=0.1)
-    for _ in range(2):  # the box conv starts at zero: its tower's gradient flows from the second step on
-        opt.zero_grad()
-        detector_loss(det(torch.randn(2, 3, 32, 32)), [t, t], MinCostMatcher())[0].backward()
-        opt.step()
-    assert det.cls_tower[0].weight.grad.abs().sum() > 0 and det.box_tower[3].weight.grad.abs().sum() > 0
-
-
 @pytest.mark.parametrize('patch,stride', [(8, 8), (16, 8), (8, 4)])
 def test_spatial_prior_adds_a_map_of_the_pixels_at_the_stride(patch, stride):
     torch.manual_seed(0)
