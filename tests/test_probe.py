@@ -56,7 +56,8 @@ def test_the_padding_of_a_split_tile_is_not_background(tmp_path):
     # a 180 x 120 px image cut into 128^2 tiles: two tiles, each padded from row 120 down; with 16 px patches the
     # image part holds 8 columns x 7 rows of patch centres (row 7's centre is at 120), the padding the 8th row
     make_source(tmp_path / 'src', np.full((120, 180, 3), 50, np.uint8), ['10 10 40 10 40 30 10 30 small-vehicle 0'])
-    split(tmp_path / 'src', tmp_path / 'data' / 'val', size=128, gap=32, fmt='png', workers=1, classes=CLASSES['dota1.0'])
+    split(tmp_path / 'src', tmp_path / 'data' / 'val', size=128, gap=32, fmt='png', workers=1,
+          classes=CLASSES['dota1.0'])
     loader = make_loader(tmp_path / 'data', 'val', CLASSES['dota1.0'], None, 2, False, 0, 16)
     _, label, _ = probe.extract(build_vit('test', 16), loader, 'cpu', background=15)
     assert len(label) == 2 * 8 * 7  # 2 * 8 * 8 when the padding row counted as background
