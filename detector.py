@@ -269,12 +269,25 @@ class Detector(nn.Module):
         return {**outs[-1], 'aux': outs[:-1], 'dense': dense, **extra}
 
 
+def outside_cell(out, margin):
+    """(B, K) bool: the prediction's box centre lies more than 0.5 + margin cells (in x or y) from the centre of
+    the cell it came from, i.e. it claims an object centred in another cell (axis-aligned boxes (B, K, 4) or
+    oriented (B, K, 5))."""
+    b = out['boxes'].detach()
+    c = b[..., :2] if b.shape[-1] == 5 else (b[..., :2] + b[..., 2:4]) / 2
+    s = torch.as_tensor(out['stride'], dtype=c.dtype, device=c.device).reshape(-1)[:, None]  # (K | 1, 1)
+    return ((c - out['centres']).abs() / s).amax(-1) > 0.5 + margin
+
+
 @torch.no_grad()
-def postprocess(out, max_det=1000, conf=0.001, sizes=None):
+def postprocess(out, max_det=1000, conf=0.001, sizes=None, centre_gate=None):
     """Top-`max_det` (cell, class) pairs per image with score > conf, no NMS (the one-to-one matching teaches
-    the model not to duplicate). sizes: optional list of (H, W) to clip axis-aligned boxes to.
-    -> list of B dicts: boxes (K, 4), scores (K,), labels (K,) on the CPU."""
+    the model not to duplicate). sizes: optional list of (H, W) to clip axis-aligned boxes to. centre_gate = m: a
+    cell whose box centre lies more than 0.5 + m cells from its own is dropped (outside_cell; a rule on each cell
+    alone, no comparison between detections). -> list of B dicts: boxes (K, 4), scores (K,), labels (K,) on the CPU."""
     logits, boxes = out['logits'], out['boxes']
+    if centre_gate is not None:
+        logits = logits.masked_fill(outside_cell(out, centre_gate)[..., None], -float('inf'))
     B, M, C = logits.shape
     scores, idx = logits.float().sigmoid().flatten(1).topk(min(max_det, M * C), dim=1)  # (B, K)
     results = []

@@ -234,25 +234,25 @@ def as_hbb(d):
 
 
 @torch.no_grad()
-def predict(model, loader, device, conf=0.001, max_det=1000, hbb=False):
+def predict(model, loader, device, conf=0.001, max_det=1000, hbb=False, centre_gate=None):
     """Yield (images, targets, detections) batch by batch; oriented boxes as polygons (n, 8) (as_polygons), or with
-    hbb=True the detections as their axis-aligned boxes (n, 4)."""
+    hbb=True the detections as their axis-aligned boxes (n, 4); centre_gate: detector.postprocess's."""
     model.eval()
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     for images, targets in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
             out = model(to_input(images, targets, device))
-        dets = postprocess(out, max_det, conf, [t['size'] for t in targets])  # clipped to the unpadded sizes
+        dets = postprocess(out, max_det, conf, [t['size'] for t in targets], centre_gate)  # clipped to the unpadded sizes
         dets = [as_polygons(d) for d in dets]
         yield images, [as_polygons(t) for t in targets], [as_hbb(d) for d in dets] if hbb else dets
 
 
 def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_dir=None, n_pictures=3,
-             difficult='ignore', protocol='coco', sizes=False, hbb=False, errors=False):
+             difficult='ignore', protocol='coco', sizes=False, hbb=False, errors=False, centre_gate=None):
     """Inference, evaluation on the loader's images, and (if out_dir) the val_batch{k}_labels/_pred.jpg pictures.
     -> (result dict, table)."""
     preds, gts = [], []
-    for k, (images, targets, dets) in enumerate(predict(model, loader, device, conf, max_det, hbb)):
+    for k, (images, targets, dets) in enumerate(predict(model, loader, device, conf, max_det, hbb, centre_gate)):
         preds += dets
         gts += targets
         if out_dir is not None and k < n_pictures:
@@ -312,6 +312,9 @@ def get_parser():
     ap.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default: %(default)s)')
     ap.add_argument('--conf', type=float, default=0.001, help='score floor for detections (default: %(default)s)')
     ap.add_argument('--max-det', type=int, default=1000, help='top-K detections per image (default: %(default)s)')
+    ap.add_argument('--centre-gate', type=float, default=None, help='m: drop each cell whose box centre lies more '
+                    'than 0.5 + m cells from its own (detector.postprocess); default: the checkpoint\'s '
+                    '(finetune.py --centre-gate); a negative value: off')
     ap.add_argument('--max-dets', type=int, default=None, help='coco protocol: evaluate only the top N detections '
                                                                'per image and class (default: all)')
     ap.add_argument('--difficult', choices=['ignore', 'normal'], default='ignore',
@@ -354,11 +357,13 @@ def main(argv=None):
         loader = make_loader(resolve_data(args.data or a['data']), args.split, class_names, None, args.batch_size,
                              False, args.workers, a['patch_size'], boxes='obb' if task == 1 else 'hbb')
         hbb = task > own  # an oriented model scored on task 2
+        gate = a.get('centre_gate') if args.centre_gate is None else args.centre_gate
+        gate = None if gate is None or gate < 0 else gate
         out = Path(args.out or Path(args.ckpt).parent)
         out.mkdir(parents=True, exist_ok=True)
         if args.merge:
             tile_dets = {t['name']: d for _, targets, dets in predict(model, loader, device, args.conf, args.max_det,
-                                                                        hbb) for t, d in zip(targets, dets)}
+                                                                        hbb, gate) for t, d in zip(targets, dets)}
             merged = merge_tiles(tile_dets, args.nms_iou)
             if not args.labels:  # the test split: files for the evaluation server, nothing to score here
                 write_submission(out / 'submission', merged, class_names)
@@ -378,7 +383,7 @@ def main(argv=None):
         else:
             res, text = run_eval(model, loader, class_names, device, args.conf, args.max_det, out,
                                  difficult=args.difficult, protocol=args.protocol, sizes=args.sizes, hbb=hbb,
-                                 errors=args.errors)
+                                 errors=args.errors, centre_gate=gate)
             text += f'\npictures: {out}/val_batch{{0,1,2}}_{{labels,pred}}.jpg' + (
                 f', {out}/PR_curve.png' if _pyplot() else ' (PR_curve.png: pip install matplotlib)')
     else:

@@ -145,6 +145,12 @@ def get_parser():
                     'cell are negatives for its class with W x the plain cross-entropy instead of the focal term '
                     '(hard negatives where duplicates come from; synthetic set: fewer duplicates, no better mAP yet, '
                     'RESULTS.md) (default: %(default)s)')
+    ap.add_argument('--ring-boxes', type=float, default=0.0, help='W > 0: the 8 cells around each matched cell '
+                    'also regress its box, with W x the box loss, so that they point at the object\'s centre '
+                    'outside them (with --centre-gate; matcher.detection_loss w_ring) (default: %(default)s)')
+    ap.add_argument('--centre-gate', type=float, default=None, help='m: a cell reports only a box whose centre '
+                    'lies within 0.5 + m cells of its own centre (at evaluation, and in training: the others are not '
+                    'negatives); a per-cell rule against duplicates, no NMS (default: off)')
     ap.add_argument('--spatial-prior', action=argparse.BooleanOptionalAction, default=True,
                     help='add a small CNN\'s map of the pixels (3x3 stride-2 convolutions down to --stride) to the '
                     'neck\'s output: local detail for objects smaller than a patch (detector.SpatialPrior; NWPU val, '
@@ -363,7 +369,8 @@ def main(argv=None):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = fwd(to_input(images, targets, device), crop_offsets(targets, args.patch_size, device))
                 loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss, num_gt=n_gt,
-                                            w_near=args.near_negatives)
+                                            w_near=args.near_negatives, w_ring=args.ring_boxes,
+                                            gate=args.centre_gate)
             loss_value = loss.item()  # one host sync per step: check and progress bar
             if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
                 raise FloatingPointError(f'loss is {loss_value} at step {step}; {last} holds the last good state. '
@@ -402,7 +409,8 @@ def main(argv=None):
         row = {'epoch': epoch, 'seconds': round(time.time() - t_start, 1), 'lr': lr, **sums, 'mAP50': '',
                'mAP50-95': ''}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            res, table = run_eval(final, val_loader, class_names, device, args.conf, args.max_det, args.out)
+            res, table = run_eval(final, val_loader, class_names, device, args.conf, args.max_det, args.out,
+                                  centre_gate=args.centre_gate)
             has = res['n_gt'] > 0
             map50 = float(res['ap'][has, 0].mean()) if has.any() else 0.0
             row.update({'mAP50': map50, 'mAP50-95': float(res['ap'][has].mean()) if has.any() else 0.0})

@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from detector import outside_cell
+
 def giou(a, b):
     """Generalized IoU of boxes a (..., 4) and b (..., 4), xyxy, broadcasting. -> (giou, iou), each (...).
     Per coordinate, so that pairwise use (a[:, None], b[None]) makes (M, G) tensors, never (M, G, 2) ones."""
@@ -213,7 +215,7 @@ def assign_top_k(cost, k):
 
 
 def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal',
-                   matches=None, num_gt=None, w_near=0.0):
+                   matches=None, num_gt=None, w_near=0.0, w_ring=0.0, gate=None):
     """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
     list of B target dicts (boxes, labels on any device). Oriented boxes (..., 5) use ProbIoU where the text below
     says GIoU or IoU, and l1_form's coordinates for L1.
@@ -236,7 +238,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
     near = torch.zeros_like(is_pos) if w_near else None  # (B, K, C) the matched class next to a matched cell
     quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
-    src, tgt, per, found = [], [], [], []
+    src, tgt, per, found, ring_src, ring_tgt, ring_per = [], [], [], [], [], [], []
     for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes
         gt_boxes, gt_labels = t['boxes'].to(boxes.device).float(), t['labels'].to(boxes.device)
         if matches is not None:
@@ -253,6 +255,16 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             ring = ((centres[b][None] - centres[b][pi][:, None]).abs().amax(-1) < 1.5 * s) & (stride == s)  # (P, K)
             p_idx, k_idx = ring.nonzero(as_tuple=True)
             near[b, k_idx, gt_labels[gi][p_idx]] = True
+        if w_ring and out.get('topk', 1) == 1 and len(pi):
+            ring = ((centres[b][None] - centres[b][pi][:, None]).abs().amax(-1) < 1.5 * stride[pi][:, None]) & \
+                (stride == stride[pi][:, None])  # (P, K) the 3 x 3 around each matched cell, on its level
+            ring[:, pi] = False  # a matched cell regresses its own GT
+            d = (centres[b][None] - centres[b][pi][:, None]).abs().sum(-1).masked_fill(~ring, float('inf'))
+            k_idx = ring.any(0).nonzero().squeeze(1)  # (R,) the ring cells
+            p_idx = d[:, k_idx].argmin(0)  # (R,) the nearest matched cell of each
+            ring_src.append(boxes[b, k_idx])
+            ring_tgt.append(gt_boxes[gi[p_idx]])
+            ring_per.append(stride[k_idx])
         quality[b, pi, gt_labels[gi]] = overlap(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
@@ -268,6 +280,8 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
         pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, K, C) each
     if w_near:
         neg = torch.where(near, w_near * F.softplus(logits.float()), neg)
+    if gate is not None:  # cells that postprocess drops are not taught to be silent
+        neg = neg * ~outside_cell(out, gate)[..., None]
     loss_cls = torch.where(is_pos, pos, neg).sum() / n
     src, tgt = torch.cat(src).float(), torch.cat(tgt)
     per = torch.cat(per)[:, None]  # (P, 1) the matched cells' strides
@@ -276,6 +290,10 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     oriented = src.shape[-1] == 5  # then g is ProbIoU and the term is logged as such
     loss_giou = (1 - g).sum() / n
     total = w_cls * loss_cls + w_l1 * loss_l1 + w_giou * loss_giou
+    if ring_src:
+        rs, rt, rp = torch.cat(ring_src).float(), torch.cat(ring_tgt), torch.cat(ring_per)[:, None]
+        loss_ring = w_l1 * ((l1_form(rs) - l1_form(rt)).abs() / rp).sum() + w_giou * (1 - overlap(rs, rt)[0]).sum()
+        total = total + w_ring * loss_ring / n
     parts = {'cls': loss_cls.detach(), 'l1': loss_l1.detach(), 'probiou' if oriented else 'giou': loss_giou.detach(),
              'iou': iou.detach().mean() if iou.numel() else torch.zeros(()),
              'above_0.3_per_gt': (logits.detach().float() > math.log(0.3 / 0.7)).sum() / n}  # sigmoid > 0.3
