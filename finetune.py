@@ -145,9 +145,10 @@ def get_parser():
                     'cell are negatives for its class with W x the plain cross-entropy instead of the focal term '
                     '(hard negatives where duplicates come from; synthetic set: fewer duplicates, no better mAP yet, '
                     'RESULTS.md) (default: %(default)s)')
-    ap.add_argument('--ring-boxes', type=float, default=0.0, help='W > 0: the 8 cells around each matched cell '
-                    'also regress its box, with W x the box loss, so that they point at the object\'s centre '
-                    'outside them (with --centre-gate; matcher.detection_loss w_ring) (default: %(default)s)')
+    ap.add_argument('--ring-boxes', type=float, default=0.0, help='W > 0: the other cells of each object\'s region '
+                    '(its box, at least the 3 x 3 around its centre) also regress its box, W x the box loss averaged '
+                    'over them, so that they point at the object\'s centre outside them (for --centre-gate; '
+                    'matcher.detection_loss w_ring) (default: %(default)s)')
     ap.add_argument('--centre-gate', type=float, default=None, help='m: a cell reports only a box whose centre '
                     'lies within 0.5 + m cells of its own centre (at evaluation, and in training: the others are not '
                     'negatives); a per-cell rule against duplicates, no NMS (default: off)')

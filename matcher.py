@@ -238,7 +238,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
     near = torch.zeros_like(is_pos) if w_near else None  # (B, K, C) the matched class next to a matched cell
     quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
-    src, tgt, per, found, ring_src, ring_tgt, ring_per = [], [], [], [], [], [], []
+    src, tgt, per, found, ring_src, ring_tgt, ring_per, ring_w = [], [], [], [], [], [], [], []
     for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes
         gt_boxes, gt_labels = t['boxes'].to(boxes.device).float(), t['labels'].to(boxes.device)
         if matches is not None:
@@ -256,15 +256,18 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             p_idx, k_idx = ring.nonzero(as_tuple=True)
             near[b, k_idx, gt_labels[gi][p_idx]] = True
         if w_ring and out.get('topk', 1) == 1 and len(pi):
-            ring = ((centres[b][None] - centres[b][pi][:, None]).abs().amax(-1) < 1.5 * stride[pi][:, None]) & \
-                (stride == stride[pi][:, None])  # (P, K) the 3 x 3 around each matched cell, on its level
-            ring[:, pi] = False  # a matched cell regresses its own GT
-            d = (centres[b][None] - centres[b][pi][:, None]).abs().sum(-1).masked_fill(~ring, float('inf'))
-            k_idx = ring.any(0).nonzero().squeeze(1)  # (R,) the ring cells
-            p_idx = d[:, k_idx].argmin(0)  # (R,) the nearest matched cell of each
+            # each matched object's region (its box, at least the 3 x 3 cells around its centre) on its cell's level
+            gc, half = half_extent(gt_boxes[gi])  # (P, 2) each
+            d = (centres[b][None] - gc[:, None]).abs()  # (P, K, 2)
+            s = stride[pi][:, None]  # (P, 1)
+            region = (d < torch.maximum(half, 1.5 * s)[:, None]).all(-1) & (stride == s)  # (P, K)
+            region[:, pi] = False  # a matched cell regresses its own GT
+            k_idx = region.any(0).nonzero().squeeze(1)  # (R,) the region cells
+            p_idx = (d.sum(-1) / s).masked_fill(~region, float('inf'))[:, k_idx].argmin(0)  # (R,) nearest centre
             ring_src.append(boxes[b, k_idx])
             ring_tgt.append(gt_boxes[gi[p_idx]])
             ring_per.append(stride[k_idx])
+            ring_w.append(1 / torch.bincount(p_idx, minlength=len(pi)).float()[p_idx])  # (R,) 1 per object
         quality[b, pi, gt_labels[gi]] = overlap(boxes[b, pi].detach().float(), gt_boxes[gi])[1].clamp(min=1e-3)
         src.append(boxes[b, pi])
         tgt.append(gt_boxes[gi])
@@ -292,8 +295,8 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     total = w_cls * loss_cls + w_l1 * loss_l1 + w_giou * loss_giou
     if ring_src:
         rs, rt, rp = torch.cat(ring_src).float(), torch.cat(ring_tgt), torch.cat(ring_per)[:, None]
-        loss_ring = w_l1 * ((l1_form(rs) - l1_form(rt)).abs() / rp).sum() + w_giou * (1 - overlap(rs, rt)[0]).sum()
-        total = total + w_ring * loss_ring / n
+        loss_ring = w_l1 * ((l1_form(rs) - l1_form(rt)).abs() / rp).sum(-1) + w_giou * (1 - overlap(rs, rt)[0])
+        total = total + w_ring * (torch.cat(ring_w) * loss_ring).sum() / n
     parts = {'cls': loss_cls.detach(), 'l1': loss_l1.detach(), 'probiou' if oriented else 'giou': loss_giou.detach(),
              'iou': iou.detach().mean() if iou.numel() else torch.zeros(()),
              'above_0.3_per_gt': (logits.detach().float() > math.log(0.3 / 0.7)).sum() / n}  # sigmoid > 0.3

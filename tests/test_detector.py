@@ -8,7 +8,7 @@ import torch
 
 from data import DOTADataset, collate, to_input
 from labels import CLASSES
-from detector import Detector, postprocess
+from detector import Detector, outside_cell, postprocess
 from matcher import MinCostMatcher, assign_min_cost, assign_top_k, detection_loss, detector_loss, giou
 from metrics import evaluate_coco
 from model import build_vit
@@ -254,6 +254,34 @@ def test_near_negatives_weight_the_matched_cells_neighbours_for_its_class(cell, 
     dec = {**out, 'aux': [out], 'dense': out}
     enc = [detector_loss(dec, t, MinCostMatcher(), cls_loss='varifocal', w_near=w)[1]['enc'] for w in (0, 1)]
     assert enc[0] == enc[1]
+
+
+def test_ring_boxes_and_centre_gate_leave_only_the_cell_holding_the_centre():
+    ys, xs = torch.meshgrid(torch.arange(5), torch.arange(5), indexing='ij')
+    centres = ((torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * 8).float()[None]  # (1, 25, 2), stride 8
+    gt = torch.tensor([[14.0, 14, 26, 26]])  # centred in cell (2, 2), index 12
+    t = [{'boxes': gt, 'labels': torch.tensor([1])}]
+    match = [(torch.tensor([12]), torch.tensor([0]))]
+    own = torch.cat([centres - 6, centres + 6], -1)  # every cell predicts the GT's size centred on itself
+    out = {'logits': torch.zeros(1, 25, 3), 'boxes': own, 'centres': centres, 'stride': 8}
+    assert not outside_cell(out, 0.0).any()
+    # w_ring: the 8 neighbours (the 12 px box's region is the 3 x 3 around its centre) regress the GT's box: their
+    # own-centred boxes are one cell off (L1 2 or 4 cells), the others free
+    ring = [float(detection_loss(out, t, None, matches=match, w_ring=w)[0]) for w in (0, 1)]
+    ring_ok = [float(detection_loss({**out, 'boxes': gt.expand(1, 25, 4)}, t, None, matches=match, w_ring=w)[0])
+               for w in (0, 1)]
+    assert ring[1] > ring[0] + 2 and ring_ok[1] == pytest.approx(ring_ok[0])
+    # once they point at the object, the gate drops all but cell 12: in training (no negative term) and decoding
+    pointed = {**out, 'boxes': gt.expand(1, 25, 4)}
+    assert outside_cell(pointed, 0.0)[0].nonzero().squeeze(1).tolist() == [i for i in range(25) if i != 12]
+    cls = [detection_loss(pointed, t, None, matches=match, gate=g)[1]['cls'] for g in (None, 0.0)]
+    positive = detection_loss({**pointed, 'logits': pointed['logits'][:, [12]], 'boxes': gt[None],
+                               'centres': centres[:, [12]]}, t, None, matches=[(torch.tensor([0]), torch.tensor([0]))])
+    assert cls[0] > cls[1] == pytest.approx(positive[1]['cls'])
+    (d,) = postprocess({**pointed, 'logits': torch.full((1, 25, 3), 2.0)}, centre_gate=0.0)
+    assert len(d['scores']) == 3 and (d['boxes'] == gt).all()  # cell 12, three classes
+    (d,) = postprocess({**pointed, 'logits': torch.full((1, 25, 3), 2.0)})
+    assert len(d['scores']) == 75
 
 
 def test_the_detector_places_a_crop_where_its_origin_says():

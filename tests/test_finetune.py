@@ -1,4 +1,5 @@
 """The fine-tuning recipe: layer-wise lr decay, frozen backbone, matcher choice, dataset diagnostics, DDP."""
+import json
 import os
 import subprocess
 import sys
@@ -257,13 +258,31 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
     make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
     main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
           '--img-size', '32', '--batch-size', '4', '--epochs', '1', '--head-dim', '32', '--workers', '0',
-          '--device', 'cpu', '--fine', '12', '--out', str(tmp_path / 'ft')])
+          '--device', 'cpu', '--fine', '12', '--ring-boxes', '0.5', '--centre-gate', '0.1', '--out', str(tmp_path / 'ft')])
     with pytest.raises(SystemExit, match='add --fine 0'):  # on by default: a decoder asks for it to be turned off
         main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
               '--dec-layers', '1', '--out', str(tmp_path / 'dec')])
     model, _ = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
     out = model.eval()(torch.zeros(1, 3, 32, 32))
     assert model.fine == 12 and out['logits'].shape[1] == 4 * 4 + 8 * 8
+    # the centre gate on a two-level map: each cell measured in its own level's cells
+    from detector import outside_cell
+    c = (out['boxes'][..., :2] + out['boxes'][..., 2:]) / 2
+    far = ((c - out['centres']).abs().amax(-1) / out['stride']) > 0.6
+    assert torch.equal(outside_cell(out, 0.1), far) and ckpt_args(tmp_path / 'ft' / 'last.pt')['centre_gate'] == 0.1
+    # evaluate.py applies the checkpoint's gate unless told otherwise
+    from evaluate import main as evaluate
+    n_pred = {}
+    for gate in (None, '0.1', '-1'):
+        js = tmp_path / f'{gate}.json'
+        evaluate(['--ckpt', str(tmp_path / 'ft' / 'last.pt'), '--workers', '0', '--device', 'cpu', '--conf', '0',
+                  '--json', str(js)] + ([] if gate is None else ['--centre-gate', gate]))
+        n_pred[gate] = sum(c['n_pred'] for c in json.loads(js.read_text())['classes'].values())
+    assert n_pred[None] == n_pred['0.1'] <= n_pred['-1']
+
+
+def ckpt_args(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['args']
 
 
 def test_label_fraction_trains_on_the_tiles_of_fewer_images(tmp_path, capsys):
