@@ -242,7 +242,8 @@ def predict(model, loader, device, conf=0.001, max_det=1000, hbb=False, centre_g
     for images, targets in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda'):
             out = model(to_input(images, targets, device))
-        dets = postprocess(out, max_det, conf, [t['size'] for t in targets], centre_gate)  # clipped to the unpadded sizes
+        sizes = [t['size'] for t in targets]
+        dets = postprocess(out, max_det, conf, sizes, centre_gate)  # clipped to the unpadded sizes
         dets = [as_polygons(d) for d in dets]
         yield images, [as_polygons(t) for t in targets], [as_hbb(d) for d in dets] if hbb else dets
 

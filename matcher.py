@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from detector import outside_cell
 
+
 def giou(a, b):
     """Generalized IoU of boxes a (..., 4) and b (..., 4), xyxy, broadcasting. -> (giou, iou), each (...).
     Per coordinate, so that pairwise use (a[:, None], b[None]) makes (M, G) tensors, never (M, G, 2) ones."""

@@ -258,7 +258,8 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
     make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
     main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
           '--img-size', '32', '--batch-size', '4', '--epochs', '1', '--head-dim', '32', '--workers', '0',
-          '--device', 'cpu', '--fine', '12', '--ring-boxes', '0.5', '--centre-gate', '0.1', '--out', str(tmp_path / 'ft')])
+          '--device', 'cpu', '--fine', '12', '--ring-boxes', '0.5', '--centre-gate', '0.1',
+          '--out', str(tmp_path / 'ft')])
     with pytest.raises(SystemExit, match='add --fine 0'):  # on by default: a decoder asks for it to be turned off
         main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
               '--dec-layers', '1', '--out', str(tmp_path / 'dec')])
