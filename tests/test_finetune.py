@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 from data import DOTADataset, Loader, epoch_loader, to_input
 from labels import CLASSES
-from detector import Detector
+from detector import Detector, outside_cell
 from matcher import MinCostMatcher, assign_min_cost
 from finetune import layer_decay_parts, shared_centre_share
 from model import build_vit, param_groups
@@ -263,14 +263,13 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
     with pytest.raises(SystemExit, match='add --fine 0'):  # on by default: a decoder asks for it to be turned off
         main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
               '--dec-layers', '1', '--out', str(tmp_path / 'dec')])
-    model, _ = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
+    model, ck = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
     out = model.eval()(torch.zeros(1, 3, 32, 32))
     assert model.fine == 12 and out['logits'].shape[1] == 4 * 4 + 8 * 8
     # the centre gate on a two-level map: each cell measured in its own level's cells
-    from detector import outside_cell
     c = (out['boxes'][..., :2] + out['boxes'][..., 2:]) / 2
     far = ((c - out['centres']).abs().amax(-1) / out['stride']) > 0.6
-    assert torch.equal(outside_cell(out, 0.1), far) and ckpt_args(tmp_path / 'ft' / 'last.pt')['centre_gate'] == 0.1
+    assert torch.equal(outside_cell(out, 0.1), far) and ck['args']['centre_gate'] == 0.1
     # evaluate.py applies the checkpoint's gate unless told otherwise
     from evaluate import main as evaluate
     n_pred = {}
@@ -280,10 +279,6 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
                   '--json', str(js)] + ([] if gate is None else ['--centre-gate', gate]))
         n_pred[gate] = sum(c['n_pred'] for c in json.loads(js.read_text())['classes'].values())
     assert n_pred[None] == n_pred['0.1'] <= n_pred['-1']
-
-
-def ckpt_args(path):
-    return torch.load(path, map_location='cpu', weights_only=True)['args']
 
 
 def test_label_fraction_trains_on_the_tiles_of_fewer_images(tmp_path, capsys):
