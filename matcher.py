@@ -232,7 +232,11 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     the one-to-one matching has taught the head not to duplicate), matches).
     w_near > 0 (one-to-one only): the 8 cells around each matched cell, for the matched class, are negatives with
     w_near x the plain cross-entropy -log(1 - p) instead of the focal term (which leaves a neighbour at p = 0.5
-    with 0.75 x 0.25 of it): the cells that would be duplicates are pushed down as hard negatives."""
+    with 0.75 x 0.25 of it): the cells that would be duplicates are pushed down as hard negatives.
+    w_ring > 0 (one-to-one only): every other cell of a matched object's centre region (matcher.allowed, on the
+    matched cell's level) also regresses that object's box (the nearest object's, where regions overlap), w_ring x
+    the box loss averaged per object, so that these cells point at the centre outside them. gate = m: a cell whose
+    box centre lies more than 0.5 + m cells from its own (detector.outside_cell) is not a negative."""
     logits, boxes, centres = out['logits'], out['boxes'], out['centres']
     # (K,) each prediction's stride (a two-level map has two), so that L1 is in the units of its own cells
     stride = torch.as_tensor(out['stride'], dtype=torch.float32, device=boxes.device).expand(logits.shape[1])
@@ -257,14 +261,13 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             p_idx, k_idx = ring.nonzero(as_tuple=True)
             near[b, k_idx, gt_labels[gi][p_idx]] = True
         if w_ring and out.get('topk', 1) == 1 and len(pi):
-            # each matched object's region (its box, at least the 3 x 3 cells around its centre) on its cell's level
-            gc, half = half_extent(gt_boxes[gi])  # (P, 2) each
-            d = (centres[b][None] - gc[:, None]).abs()  # (P, K, 2)
-            s = stride[pi][:, None]  # (P, 1)
-            region = (d < torch.maximum(half, 1.5 * s)[:, None]).all(-1) & (stride == s)  # (P, K)
+            # each matched object's region: the cells the matcher may give it (its centre region), on its cell's level
+            ok, dx, dy = matcher.allowed(centres[b], gt_boxes[gi], stride[:, None])  # (K, P) each
+            region = (ok & (stride[:, None] == stride[pi])).T  # (P, K)
             region[:, pi] = False  # a matched cell regresses its own GT
             k_idx = region.any(0).nonzero().squeeze(1)  # (R,) the region cells
-            p_idx = (d.sum(-1) / s).masked_fill(~region, float('inf'))[:, k_idx].argmin(0)  # (R,) nearest centre
+            d = ((dx + dy) / stride[:, None]).T.masked_fill(~region, float('inf'))  # (P, K) in cells
+            p_idx = d[:, k_idx].argmin(0)  # (R,) the object whose centre is nearest
             ring_src.append(boxes[b, k_idx])
             ring_tgt.append(gt_boxes[gi[p_idx]])
             ring_per.append(stride[k_idx])

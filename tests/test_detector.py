@@ -267,8 +267,9 @@ def test_ring_boxes_and_centre_gate_leave_only_the_cell_holding_the_centre():
     assert not outside_cell(out, 0.0).any()
     # w_ring: the 8 neighbours (the 12 px box's region is the 3 x 3 around its centre) regress the GT's box: their
     # own-centred boxes are one cell off (L1 2 or 4 cells), the others free
-    ring = [float(detection_loss(out, t, None, matches=match, w_ring=w)[0]) for w in (0, 1)]
-    ring_ok = [float(detection_loss({**out, 'boxes': gt.expand(1, 25, 4)}, t, None, matches=match, w_ring=w)[0])
+    m = MinCostMatcher()  # its centre region is the ring's region
+    ring = [float(detection_loss(out, t, m, matches=match, w_ring=w)[0]) for w in (0, 1)]
+    ring_ok = [float(detection_loss({**out, 'boxes': gt.expand(1, 25, 4)}, t, m, matches=match, w_ring=w)[0])
                for w in (0, 1)]
     assert ring[1] > ring[0] + 2 and ring_ok[1] == pytest.approx(ring_ok[0])
     # once they point at the object, the gate drops all but cell 12: in training (no negative term) and decoding
