@@ -234,7 +234,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     w_near x the plain cross-entropy -log(1 - p) instead of the focal term (which leaves a neighbour at p = 0.5
     with 0.75 x 0.25 of it): the cells that would be duplicates are pushed down as hard negatives.
     w_ring > 0 (one-to-one only): every other cell of a matched object's centre region (matcher.allowed, on the
-    matched cell's level) also regresses that object's box (the nearest object's, where regions overlap), w_ring x
+    matched cell's level, the coarser one of a two-level map) also regresses that object's box (the nearest object's, where regions overlap), w_ring x
     the box loss averaged per object, so that these cells point at the centre outside them. gate = m: a cell whose
     box centre lies more than 0.5 + m cells from its own (detector.outside_cell) is not a negative."""
     logits, boxes, centres = out['logits'], out['boxes'], out['centres']
@@ -261,9 +261,10 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             p_idx, k_idx = ring.nonzero(as_tuple=True)
             near[b, k_idx, gt_labels[gi][p_idx]] = True
         if w_ring and out.get('topk', 1) == 1 and len(pi):
-            # each matched object's region: the cells the matcher may give it (its centre region), on its cell's level
+            # each matched object's region: the cells the matcher may give it (its centre region), on its cell's level;
+            # on a two-level map the coarse level's objects only: the stride-4 level's tiny ones lost to it (RESULTS.md)
             ok, dx, dy = matcher.allowed(centres[b], gt_boxes[gi], stride[:, None])  # (K, P) each
-            region = (ok & (stride[:, None] == stride[pi])).T  # (P, K)
+            region = (ok & (stride[:, None] == stride[pi]) & (stride[pi] == stride.max())).T  # (P, K)
             region[:, pi] = False  # a matched cell regresses its own GT
             k_idx = region.any(0).nonzero().squeeze(1)  # (R,) the region cells
             d = ((dx + dy) / stride[:, None]).T.masked_fill(~region, float('inf'))  # (P, K) in cells

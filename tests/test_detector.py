@@ -272,6 +272,11 @@ def test_ring_boxes_and_centre_gate_leave_only_the_cell_holding_the_centre():
     ring_ok = [float(detection_loss({**out, 'boxes': gt.expand(1, 25, 4)}, t, m, matches=match, w_ring=w)[0])
                for w in (0, 1)]
     assert ring[1] > ring[0] + 2 and ring_ok[1] == pytest.approx(ring_ok[0])
+    # on a two-level map the finer level has no ring (its tiny objects lost to it): these 25 cells as the fine level
+    two = {'logits': torch.zeros(1, 26, 3), 'boxes': torch.cat([own, torch.zeros(1, 1, 4)], 1),
+           'centres': torch.cat([centres, torch.full((1, 1, 2), 200.0)], 1), 'stride': torch.tensor([8.0] * 25 + [16])}
+    fine = [float(detection_loss(two, t, m, matches=match, w_ring=w)[0]) for w in (0, 1)]
+    assert fine[1] == pytest.approx(fine[0])
     # once they point at the object, the gate drops all but cell 12: in training (no negative term) and decoding
     pointed = {**out, 'boxes': gt.expand(1, 25, 4)}
     assert outside_cell(pointed, 0.0)[0].nonzero().squeeze(1).tolist() == [i for i in range(25) if i != 12]
