@@ -146,9 +146,10 @@ def get_parser():
                     '(hard negatives where duplicates come from; synthetic set: fewer duplicates, no better mAP yet, '
                     'RESULTS.md) (default: %(default)s)')
     ap.add_argument('--ring-boxes', type=float, default=1.0, help='W > 0: the other cells of each object\'s centre '
-                    'region (of the coarser level, with --fine) also regress its box, W x the box loss averaged over them, so that they point at the '
-                    'object\'s centre outside them (for --centre-gate; matcher.detection_loss w_ring; NWPU val, 20 '
-                    'epochs, with the gate: mAP50 0.365 vs 0.328 with neither, RESULTS.md) (default: %(default)s)')
+                    'region also regress its box, W x the box loss averaged over them, so that they point at the '
+                    'object\'s centre outside them (for --centre-gate; matcher.detection_loss w_ring; with --fine, on '
+                    'the coarser level only). NWPU val, 20 epochs, with the gate: mAP50 0.346 vs 0.328 with neither '
+                    '(RESULTS.md) (default: %(default)s)')
     ap.add_argument('--centre-gate', type=float, default=0.1, help='m: a cell reports only a box whose centre '
                     'lies within 0.5 + m cells of its own centre (at evaluation, and in training: the others are not '
                     'negatives); a per-cell rule against duplicates, no NMS; saved in the checkpoint for evaluate.py; '

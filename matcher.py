@@ -234,9 +234,10 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     w_near x the plain cross-entropy -log(1 - p) instead of the focal term (which leaves a neighbour at p = 0.5
     with 0.75 x 0.25 of it): the cells that would be duplicates are pushed down as hard negatives.
     w_ring > 0 (one-to-one only): every other cell of a matched object's centre region (matcher.allowed, on the
-    matched cell's level, the coarser one of a two-level map) also regresses that object's box (the nearest object's, where regions overlap), w_ring x
-    the box loss averaged per object, so that these cells point at the centre outside them. gate = m: a cell whose
-    box centre lies more than 0.5 + m cells from its own (detector.outside_cell) is not a negative."""
+    matched cell's level; of a two-level map, the coarser level's objects only) also regresses that object's box
+    (the nearest object's, where regions overlap), w_ring x the box loss averaged per object, so that these cells
+    point at the centre outside them. gate = m: a cell whose box centre lies more than 0.5 + m cells from its own
+    (detector.outside_cell) is not a negative."""
     logits, boxes, centres = out['logits'], out['boxes'], out['centres']
     # (K,) each prediction's stride (a two-level map has two), so that L1 is in the units of its own cells
     stride = torch.as_tensor(out['stride'], dtype=torch.float32, device=boxes.device).expand(logits.shape[1])
