@@ -3,13 +3,14 @@
     python finetune.py --ckpt runs/pretrain/last.pt --data dota
     python finetune.py --ckpt none --model mini --patch-size 8 ...      # from scratch, the baseline
 
-The detector (detector.Detector) predicts a box and class scores at every cell of a stride-8 map and, for the
-objects under --fine px (16), of a stride-4 map (the dense one-to-one head: the default); with --dec-layers N (and
---fine 0) it also turns the top-K cells into queries and refines them with a small transformer decoder. Training
-matches each ground-truth box to exactly one prediction per stage (matcher.MinCostMatcher); no NMS at inference.
-The defaults (dense head, the stride-4 level for tiny objects, the spatial prior, a matcher that prefers the cell
-nearest each object's centre, lr 5e-4, no layer decay, no stochastic depth, varifocal loss) are the recipe measured
-best on NWPU VHR-10 val and, for tiny objects, on the synthetic set (RESULTS.md).
+The detector (detector.Detector) predicts a box and class scores at every cell of a map at the patch's stride and,
+for the objects under two of its cells (--fine), of a map at half that stride (the dense one-to-one head: the
+default); with --dec-layers N (and --fine 0) it also turns the top-K cells into queries and refines them with a
+small transformer decoder. Training matches each ground-truth box to exactly one prediction per stage
+(matcher.MinCostMatcher); no NMS at inference.
+The defaults (dense head, the two levels, the spatial prior, a matcher that prefers the cell nearest each object's
+centre, lr 5e-4, no layer decay, no stochastic depth, varifocal loss) are the recipe measured best on NWPU VHR-10
+val and, for tiny objects, on the synthetic set (RESULTS.md).
 OUT/results.csv gets one line per epoch (losses, lr, val mAP50 and mAP50-95, seconds) and, with matplotlib
 installed, results.png draws it;
 --time MINUTES fits the run to a wall-clock budget. The model is
@@ -120,14 +121,14 @@ def get_parser():
                                                                  '(default: %(default)s)')
     ap.add_argument('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
     ap.add_argument('--head-dim', type=int, default=128, help='width of the detection head (default: %(default)s)')
-    ap.add_argument('--stride', type=int, default=8, help='stride of the prediction map: the patch size divided by a '
-                                                          'power of 2 (patch 16: 16 or 8; patch 8: 8 or 4) (default: '
-                                                          '%(default)s)')
-    ap.add_argument('--fine', type=float, default=16, help='T > 0: a second prediction map at --stride / 2 (half '
+    ap.add_argument('--stride', type=int, default=None, help='stride of the prediction map: the patch size divided '
+                    'by a power of 2 (patch 16: 16 or 8; patch 8: 8 or 4) (default: the patch size)')
+    ap.add_argument('--fine', type=float, default=None, help='T > 0: a second prediction map at --stride / 2 (half '
                     "the head's width, its own pixel detail) for the objects under T px (longer side); the --stride "
-                    'map keeps the rest. Synthetic tiny objects: mAP50 0.911 vs 0.814 without, small vehicles 0.916 vs '
-                    '0.527 (RESULTS.md); 1.4x the time per 512^2 step, so 0 for data without such objects. Needs the '
-                    'dense head alone at --stride 8 or coarser (default: %(default)s)')
+                    'map keeps the rest; 0 = one map. NWPU VHR-10 val at a quarter of the labels, patch 16: mAP50 '
+                    '0.265 vs 0.189 for one stride-8 map; synthetic tiny objects, patch 8: 0.911 vs 0.814 without '
+                    '(RESULTS.md). Needs the dense head alone at --stride 8 or coarser (default: 2 x --stride; 0 where the head '
+                    'does not allow it)')
     ap.add_argument('--dec-layers', type=int, default=0, help='decoder layers after the top-K query selection; 0 = '
                     'the dense one-to-one head alone, which learned faster on NWPU VHR-10 val (RESULTS.md) '
                     '(default: %(default)s)')
@@ -197,6 +198,9 @@ def build(args):
     elif args.model is None:
         raise SystemExit('--ckpt none needs --model (a preset: ' + ', '.join(PRESETS) + ')')
     args.patch_size, args.data, args.classes = args.patch_size or 16, args.data or 'dota', args.classes or 'dota1.0'
+    args.stride = args.stride or args.patch_size  # the ViT's own grid: a coarse cell per token ...
+    if args.fine is None:  # ... and a finer map for what is under two of its cells, where the head allows one
+        args.fine = 0 if args.dec_layers or args.o2m or args.peak_filter or args.stride < 8 else 2 * args.stride
     backbone = build_vit(args.model, args.patch_size, args.drop_path)
     if state is not None:
         backbone.load_state_dict(state)  # strict: every key of the encoder must match
@@ -208,9 +212,8 @@ def build(args):
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     if args.fine and (args.dec_layers or args.o2m or args.peak_filter or args.stride < 8):
-        raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2, on by default) needs the dense head '
-                         'alone at --stride 8 or coarser: with --dec-layers, --o2m, --peak-filter or --stride 4 add '
-                         '--fine 0')
+        raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2) needs the dense head alone at --stride 8 '
+                         'or coarser: not with --dec-layers, --o2m, --peak-filter or --stride 4')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
                     args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m,
                     max_filter=args.max_filter, spatial_prior=args.spatial_prior, adapt=args.whiten > 0,

@@ -3,10 +3,10 @@
     python bench/finetune_bench.py [--model mini] [--img-size 512] [--batch-size 2] [--steps 3]
 
 A DOTA-like batch: synthetic images with rows of parked vehicles and ships (several hundred objects each), the
-detector as `finetune.py --ckpt none` builds it by default (the dense head at stride 8 with the spatial prior, the
-centre-cell matcher, the stride-4 level for objects under 16 px); `--dec-layers 2` adds the decoder with 1,000
-queries (and drops the stride-4 level, which needs the dense head alone). One step = forward, loss (all stages),
-backward, AdamW step; the matcher calls inside the loss are timed on their own. With the stride-4 level, the same
+detector as `finetune.py --ckpt none` builds it by default (the dense head at the patch's stride with the spatial
+prior, the centre-cell matcher, the level at half that stride for objects under two cells); `--dec-layers 2` adds
+the decoder with 1,000 queries (and drops the finer level, which needs the dense head alone). One step = forward,
+loss (all stages), backward, AdamW step; the matcher calls inside the loss are timed on their own. With the finer level, the same
 steps of the model without it (`--fine 0`) are timed in the same run, and their ratio printed. The share of the
 step spent matching (goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch (the encoder stage's, and each
 decoder layer's), the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver, and
@@ -96,18 +96,17 @@ def main():
     x, targets = make_batch(args.batch_size, args.img_size)
     n_gt = [len(t['boxes']) for t in targets]
     ft = get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size', str(args.patch_size),
-                                  '--dec-layers', str(args.dec_layers), '--num-queries', '1000',
-                                  *(['--fine', '0'] if args.dec_layers else [])])  # else: defaults
+                                  '--dec-layers', str(args.dec_layers), '--num-queries', '1000'])  # else: defaults
     total, matching, matcher = time_steps(ft, x, targets, args.steps)
     print(f'{args.model} ViT/{args.patch_size}, {args.img_size}^2, batch {args.batch_size}, {args.dec_layers} decoder '
-          f'layers{f", stride-4 level under {ft.fine:g} px" if ft.fine else ""}, GT per image {n_gt}, '
+          f'layers{f", stride-{ft.stride // 2} level under {ft.fine:g} px" if ft.fine else ""}, GT per image {n_gt}, '
           f'{torch.get_num_threads()} threads: step {1e3 * total / args.steps:.0f} ms, matching '
           f'{1e3 * matching / args.steps:.0f} ms ({len(matcher.costs)} matcher calls per step)')
-    if ft.fine:  # the baseline of the same run: the same model without the stride-4 level
+    if ft.fine:  # the baseline of the same run: the same model without the finer level
         one, one_matching, _ = time_steps(get_parser().parse_args(['--ckpt', 'none', '--model', args.model,
                                                                    '--patch-size', str(args.patch_size), '--fine',
                                                                    '0']), x, targets, args.steps)
-        print(f'without the stride-4 level (--fine 0): step {1e3 * one / args.steps:.0f} ms, matching '
+        print(f'without the stride-{ft.stride // 2} level (--fine 0): step {1e3 * one / args.steps:.0f} ms, matching '
               f'{1e3 * one_matching / args.steps:.0f} ms; the level costs {total / one:.2f}x per step')
     try:
         from scipy.optimize import linear_sum_assignment

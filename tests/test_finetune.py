@@ -252,6 +252,18 @@ def test_whiten_makes_the_tokens_uncorrelated_with_unit_variance(tmp_path):
     assert y.mean(0).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize('flags,stride,fine', [(['--patch-size', '16'], 16, 32), (['--patch-size', '8'], 8, 16),
+                                               (['--patch-size', '16', '--stride', '8'], 8, 16),
+                                               (['--patch-size', '8', '--stride', '4'], 4, 0),
+                                               (['--patch-size', '16', '--dec-layers', '1'], 16, 0),
+                                               (['--patch-size', '16', '--fine', '0'], 16, 0)])
+def test_default_maps_the_patch_grid_and_a_finer_one_for_objects_under_two_cells(flags, stride, fine):
+    from finetune import build, get_parser
+    args = get_parser().parse_args(['--ckpt', 'none', '--model', 'test', '--head-dim', '32', *flags])
+    det = build(args)
+    assert (det.stride, det.fine, args.stride, args.fine) == (stride, fine, stride, fine)  # args: what the ckpt keeps
+
+
 def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_path):
     from evaluate import load_detector
     from finetune import main
@@ -260,9 +272,9 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
           '--img-size', '32', '--batch-size', '4', '--epochs', '1', '--head-dim', '32', '--workers', '0',
           '--device', 'cpu', '--fine', '12', '--ring-boxes', '0.5', '--centre-gate', '0.1',
           '--out', str(tmp_path / 'ft')])
-    with pytest.raises(SystemExit, match='add --fine 0'):  # on by default: a decoder asks for it to be turned off
+    with pytest.raises(SystemExit, match='needs the dense head alone'):  # asked for beside a decoder: an error
         main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
-              '--dec-layers', '1', '--out', str(tmp_path / 'dec')])
+              '--dec-layers', '1', '--fine', '16', '--out', str(tmp_path / 'dec')])
     model, ck = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
     out = model.eval()(torch.zeros(1, 3, 32, 32))
     assert model.fine == 12 and out['logits'].shape[1] == 4 * 4 + 8 * 8
