@@ -5,7 +5,7 @@
 
 The detector (detector.Detector) predicts a box and class scores at every cell of a map at the patch's stride and,
 for the objects under two of its cells (--fine), of a map at half that stride (the dense one-to-one head: the
-default); with --dec-layers N (and --fine 0) it also turns the top-K cells into queries and refines them with a
+default); with --dec-layers N (then one map) it also turns the top-K cells into queries and refines them with a
 small transformer decoder. Training matches each ground-truth box to exactly one prediction per stage
 (matcher.MinCostMatcher); no NMS at inference.
 The defaults (dense head, the two levels, the spatial prior, a matcher that prefers the cell nearest each object's
