@@ -127,8 +127,8 @@ def get_parser():
                     "the head's width, its own pixel detail) for the objects under T px (longer side); the --stride "
                     'map keeps the rest; 0 = one map. NWPU VHR-10 val at a quarter of the labels, patch 16: mAP50 '
                     '0.265 vs 0.189 for one stride-8 map; synthetic tiny objects, patch 8: 0.911 vs 0.814 without '
-                    '(RESULTS.md). Needs the dense head alone at --stride 8 or coarser (default: 2 x --stride; 0 where the head '
-                    'does not allow it)')
+                    '(RESULTS.md). Needs the dense head alone at --stride 8 or coarser (default: 2 x --stride; 0 '
+                    'where the head does not allow it)')
     ap.add_argument('--dec-layers', type=int, default=0, help='decoder layers after the top-K query selection; 0 = '
                     'the dense one-to-one head alone, which learned faster on NWPU VHR-10 val (RESULTS.md) '
                     '(default: %(default)s)')
@@ -212,8 +212,8 @@ def build(args):
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     if args.fine and (args.dec_layers or args.o2m or args.peak_filter or args.stride < 8):
-        raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2) needs the dense head alone at --stride 8 '
-                         'or coarser: not with --dec-layers, --o2m, --peak-filter or --stride 4')
+        raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2) needs the dense head alone at '
+                         '--stride 8 or coarser: not with --dec-layers, --o2m, --peak-filter or --stride 4')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
                     args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m,
                     max_filter=args.max_filter, spatial_prior=args.spatial_prior, adapt=args.whiten > 0,

@@ -6,8 +6,8 @@ A DOTA-like batch: synthetic images with rows of parked vehicles and ships (seve
 detector as `finetune.py --ckpt none` builds it by default (the dense head at the patch's stride with the spatial
 prior, the centre-cell matcher, the level at half that stride for objects under two cells); `--dec-layers 2` adds
 the decoder with 1,000 queries (and drops the finer level, which needs the dense head alone). One step = forward,
-loss (all stages), backward, AdamW step; the matcher calls inside the loss are timed on their own. With the finer level, the same
-steps of the model without it (`--fine 0`) are timed in the same run, and their ratio printed. The share of the
+loss (all stages), backward, AdamW step; the matcher calls inside the loss are timed on their own. With the finer
+level, the same steps of the model without it (`--fine 0`) are timed in the same run, and their ratio printed. The share of the
 step spent matching (goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch (the encoder stage's, and each
 decoder layer's), the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver, and
 the total cost of each (needs scipy, from requirements-dev.txt).
