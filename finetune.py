@@ -199,8 +199,9 @@ def build(args):
         raise SystemExit('--ckpt none needs --model (a preset: ' + ', '.join(PRESETS) + ')')
     args.patch_size, args.data, args.classes = args.patch_size or 16, args.data or 'dota', args.classes or 'dota1.0'
     args.stride = args.stride or args.patch_size  # the ViT's own grid: a coarse cell per token ...
+    one_map = args.dec_layers or args.o2m or args.peak_filter or args.stride < 8  # heads that allow no second map
     if args.fine is None:  # ... and a finer map for what is under two of its cells, where the head allows one
-        args.fine = 0 if args.dec_layers or args.o2m or args.peak_filter or args.stride < 8 else 2 * args.stride
+        args.fine = 0 if one_map else 2 * args.stride
     backbone = build_vit(args.model, args.patch_size, args.drop_path)
     if state is not None:
         backbone.load_state_dict(state)  # strict: every key of the encoder must match
@@ -211,7 +212,7 @@ def build(args):
                 init_weights(module)
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
-    if args.fine and (args.dec_layers or args.o2m or args.peak_filter or args.stride < 8):
+    if args.fine and one_map:
         raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2) needs the dense head alone at '
                          '--stride 8 or coarser: not with --dec-layers, --o2m, --peak-filter or --stride 4')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,

@@ -263,7 +263,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             near[b, k_idx, gt_labels[gi][p_idx]] = True
         if w_ring and out.get('topk', 1) == 1 and len(pi):
             # each matched object's region: the cells the matcher may give it (its centre region), on its cell's level;
-            # on a two-level map the coarse level's objects only: the stride-4 level's tiny ones lost to it (RESULTS.md)
+            # on a two-level map the coarse level's objects only: the finer level's lost to it (synthetic, RESULTS.md)
             ok, dx, dy = matcher.allowed(centres[b], gt_boxes[gi], stride[:, None])  # (K, P) each
             region = (ok & (stride[:, None] == stride[pi]) & (stride[pi] == stride.max())).T  # (P, K)
             region[:, pi] = False  # a matched cell regresses its own GT
