@@ -81,6 +81,42 @@ class DOTADataset(torch.utils.data.Dataset):
         for kind, n in problems.counts.items():
             warnings.warn(f'{folder}: {n} x {kind}, e.g. {problems.places[kind][0]}')
 
+    def add_unlabelled(self, folder, boxes_dir=None):
+        """Append images that have no labels (pretraining only): FOLDER/manifest.json (a `prepare.py split` of images
+        without labels, as DOTA's test set comes; any labels it holds are not read), else FOLDER/images/* or
+        FOLDER/*. Their targets are empty: object masking hides random patches there. boxes_dir: a detector's boxes
+        for them as DOTA label files named after each image (evaluate.py --write-labels), read like labels; an
+        image without such a file keeps no boxes, counted in one warning. -> the number of images added."""
+        folder = Path(folder)
+        if (folder / 'manifest.json').exists():
+            tiles = json.loads((folder / 'manifest.json').read_text())['tiles']
+            files = [folder / t['file'] for t in tiles]
+            content = [tuple(t['content'][::-1]) if 'content' in t else None for t in tiles]
+        else:
+            img_dir = folder / 'images' if (folder / 'images').is_dir() else folder
+            files = sorted(p for p in img_dir.glob('*') if p.suffix.lower() in IMG_EXTS)
+            content = [None] * len(files)
+        if not files:
+            raise FileNotFoundError(f'no images in {folder}; expected FOLDER/manifest.json, FOLDER/images/*.png|jpg|'
+                                    'tif or FOLDER/*.png|jpg|tif')
+        problems, empty = Problems(self.strict), {'boxes': np.zeros((0, self.ndim), np.float32),
+                                                  'labels': np.zeros(0, np.int64), 'difficult': np.zeros(0, bool)}
+        for f in files:
+            lbl = Path(boxes_dir) / f'{f.stem}.txt' if boxes_dir else None
+            if lbl is None:
+                self.targets.append(empty)
+            elif not lbl.exists():
+                problems.add('unlabelled image without a box file (masked at random)', str(lbl))
+                self.targets.append(empty)
+            else:
+                w, h = read_image(f, header_only=True)
+                boxes, labels, diff = load_labels(lbl, self.class_names, w, h, problems, self.kind)
+                self.targets.append({'boxes': boxes, 'labels': labels, 'difficult': diff > 0})
+        self.files, self.content = self.files + files, self.content + content
+        for kind, n in problems.counts.items():
+            warnings.warn(f'{folder}: {n} x {kind}, e.g. {problems.places[kind][0]}')
+        return len(files)
+
     def _from_manifest(self, path):
         m = json.loads(path.read_text())
         index = {name: i for i, name in enumerate(self.class_names)}

@@ -24,7 +24,8 @@ from labels import CLASSES
 from prepare import resolve_data
 from metrics import ERROR_KINDS, SIZE_BINS, error_breakdown, evaluate_coco, evaluate_dota
 from obb import obb_to_poly
-from submission import merge_tiles, read_labels, read_submission, submission_task, write_submission
+from submission import (merge_tiles, read_labels, read_submission, submission_task, write_label_files,
+                        write_submission)
 from detector import Detector, postprocess
 from model import build_vit
 
@@ -249,17 +250,24 @@ def predict(model, loader, device, conf=0.001, max_det=1000, hbb=False, centre_g
 
 
 def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_dir=None, n_pictures=3,
-             difficult='ignore', protocol='coco', sizes=False, hbb=False, errors=False, centre_gate=None):
+             difficult='ignore', protocol='coco', sizes=False, hbb=False, errors=False, centre_gate=None,
+             labels_out=None):
     """Inference, evaluation on the loader's images, and (if out_dir) the val_batch{k}_labels/_pred.jpg pictures.
-    -> (result dict, table)."""
-    preds, gts = [], []
+    labels_out = (folder, min_score, source dict): also write the detections as label files
+    (submission.write_label_files). -> (result dict, table)."""
+    preds, gts, names = [], [], []
     for k, (images, targets, dets) in enumerate(predict(model, loader, device, conf, max_det, hbb, centre_gate)):
         preds += dets
         gts += targets
+        names += [t['name'] for t in targets]
         if out_dir is not None and k < n_pictures:
             draw_grid(images, targets, class_names, Path(out_dir) / f'val_batch{k}_labels.jpg')
             draw_grid(images, dets, class_names, Path(out_dir) / f'val_batch{k}_pred.jpg')
     res, text = score(preds, gts, class_names, protocol, difficult, sizes=sizes, errors=errors)
+    if labels_out is not None:
+        folder, min_score, source = labels_out
+        n = write_label_files(folder, dict(zip(names, preds)), class_names, min_score, source)
+        text += f'\nwrote {n} boxes scoring >= {min_score} of {len(names)} images as label files: {folder}'
     if out_dir is not None:
         plot_pr(res, class_names, Path(out_dir) / 'PR_curve.png')
     return res, text
@@ -299,6 +307,12 @@ def get_parser():
     ap.add_argument('--merge', action='store_true', help='model mode: map tile detections to full images (tile names '
                     '<id>__<rate>__<left>___<top>), NMS across seams, write submission files and, with --labels, '
                     'evaluate against them')
+    ap.add_argument('--write-labels', default=None, metavar='DIR',
+                    help="model mode: also write the model's boxes on the split as DOTA label files DIR/<image>.txt "
+                    '(+ DIR/detections.json naming the checkpoint): boxes for pretrain.py --unlabelled-boxes. The '
+                    'split may have no labels (then the table is empty)')
+    ap.add_argument('--label-conf', type=float, default=0.3, help='--write-labels: the score a box needs to be '
+                                                                  'written (default: %(default)s)')
     ap.add_argument('--nms-iou', type=float, default=0.5, help='IoU above which --merge drops the lower-scored of '
                                                                'two same-class boxes (default: %(default)s)')
     ap.add_argument('--classes', default=None, choices=list(CLASSES), help="class list; default: the checkpoint's "
@@ -362,6 +376,8 @@ def main(argv=None):
         gate = None if gate is None or gate < 0 else gate
         out = Path(args.out or Path(args.ckpt).parent)
         out.mkdir(parents=True, exist_ok=True)
+        if args.merge and args.write_labels:
+            raise SystemExit('--write-labels writes the tiles\' boxes; it does not combine with --merge')
         if args.merge:
             tile_dets = {t['name']: d for _, targets, dets in predict(model, loader, device, args.conf, args.max_det,
                                                                         hbb, gate) for t, d in zip(targets, dets)}
@@ -384,7 +400,10 @@ def main(argv=None):
         else:
             res, text = run_eval(model, loader, class_names, device, args.conf, args.max_det, out,
                                  difficult=args.difficult, protocol=args.protocol, sizes=args.sizes, hbb=hbb,
-                                 errors=args.errors, centre_gate=gate)
+                                 errors=args.errors, centre_gate=gate, labels_out=args.write_labels and (
+                                     args.write_labels, args.label_conf,
+                                     {'checkpoint': str(args.ckpt), 'data': str(args.data or a['data']),
+                                      'split': args.split}))
             text += f'\npictures: {out}/val_batch{{0,1,2}}_{{labels,pred}}.jpg' + (
                 f', {out}/PR_curve.png' if _pyplot() else ' (PR_curve.png: pip install matplotlib)')
     else:

@@ -6,14 +6,19 @@ Every strategy returns index tensors with the same counts for every image of a b
 padding): context (B, Nc) and targets (B, M), disjoint, each sorted ascending, plus `target_is_object` (B, M).
 
 - random: MAE. M = round(mask_ratio * N) uniformly random patches are hidden; the rest is the context.
-- object: patches that overlap a ground-truth box (grown by `dilate` pixels) are hidden first. The box is the
-  object's axis-aligned extent also when the detector is trained on oriented boxes (--boxes obb): for choosing
+- object: patches that overlap a ground-truth box (grown by `dilate` pixels) are hidden first. The boxes are the
+  ground truth of a labelled image or, for an image without labels, a detector's boxes (evaluate.py --write-labels,
+  pretrain.py --unlabelled-boxes); which of the two does not matter here. The box is the object's axis-aligned extent also when the detector is trained on oriented boxes (--boxes obb): for choosing
   which patches to hide, the few extra background patches around a turned object cost nothing. Each object patch is
   left visible with probability `object_keep`, because if objects were always hidden the context encoder would
   never see one (only the EMA target would). The hidden set is filled up to M with random background patches, or
   the object patches are subsampled when they alone exceed M; kept object patches are hidden last, only when an
   image has too few other patches. An image without boxes is masked at random.
 - mixed: per image, object with probability `p_object`, else random (same counts, so they mix in one batch).
+- saliency: no boxes at all (AttMask's idea, with the EMA target's tokens instead of its attention): the patches
+  whose target features lie farthest from their image's mean feature (`saliency_patches`, the `share` most distant
+  of each image) play the part of object patches: hidden first, each left visible with probability `object_keep`.
+  The target encoder embeds the whole image anyway, so the choice costs one reduction over the features.
 - block: I-JEPA's multi-block: 4 target blocks (scale 0.15-0.2 of the grid, aspect 0.75-1.5) and one context block
   (scale 0.85-1.0, square) minus the targets. Two known flaws of the original sampler are avoided: block corners
   are drawn from the full range (every row and column can be a target), and the context block wraps around the
@@ -27,7 +32,7 @@ import math
 
 import torch
 
-MODES = ('object', 'random', 'mixed', 'block')
+MODES = ('object', 'random', 'saliency', 'mixed', 'block')
 
 
 def object_patches(boxes, grid_h, grid_w, patch_size, dilate=0.0):
@@ -47,6 +52,21 @@ def object_patches(boxes, grid_h, grid_w, patch_size, dilate=0.0):
     in_y = (y1[..., None] < top + patch_size) & (y2[..., None] > top) & real  # (B, n, gh)
     hit = (in_y[..., :, None] & in_x[..., None, :]).any(1)  # (B, gh, gw)
     return hit.flatten(1)
+
+
+def saliency_patches(features, share):
+    """The `share` of each image's patches whose features lie farthest from the image's mean feature.
+
+    features: (B, N, D) the EMA target's tokens of the whole image -> (B, N) bool, round(share * N) True per image.
+    A token unlike its image's average is an object or an edge more often than a stretch of field or water."""
+    B, N, _ = features.shape
+    k = int(round(share * N))
+    if not 0 < k <= N:
+        raise ValueError(f'saliency share {share} picks {k} of {N} patches; need 0 < share <= 1')
+    f = features.float()
+    dist = (f - f.mean(1, keepdim=True)).pow(2).mean(-1)  # (B, N) squared distance from the image's mean token
+    top = dist.topk(k, dim=1).indices  # (B, k)
+    return torch.zeros(B, N, dtype=torch.bool, device=features.device).scatter_(1, top, True).cpu()
 
 
 def _rand(shape, generator, rows=None):
@@ -120,12 +140,18 @@ def block_masking(B, grid_h, grid_w, generator=None, n_targets=4, target_scale=(
 
 
 def make_masks(mode, boxes, grid_h, grid_w, patch_size, mask_ratio=0.75, object_keep=0.25, generator=None,
-               dilate=0.0, p_object=0.5, rows=None):
+               dilate=0.0, p_object=0.5, rows=None, salient=None):
     """One call for pretrain.py -> context idx (B, Nc), target idx (B, M), target_is_object (B, M) bool, CPU.
-    rows = (lo, hi, total): these images are rows lo:hi of a global batch of `total` (multi-GPU, see _rand)."""
+    rows = (lo, hi, total): these images are rows lo:hi of a global batch of `total` (multi-GPU, see _rand).
+    salient: (B, N) bool from saliency_patches, for mode 'saliency'. target_is_object says whether a hidden patch
+    overlaps one of `boxes` (for 'saliency' too: with ground truth at hand, how often the saliency finds objects)."""
     B, N = len(boxes), grid_h * grid_w
     is_object = object_patches(boxes, grid_h, grid_w, patch_size, dilate)  # (B, N)
-    if mode == 'random':
+    if mode == 'saliency':
+        if salient is None:
+            raise ValueError("mask mode 'saliency' needs salient (B, N) from saliency_patches")
+        ctx, tgt = object_masking(salient, mask_ratio, object_keep, generator, rows)
+    elif mode == 'random':
         ctx, tgt = random_masking(B, N, mask_ratio, generator, rows)
     elif mode == 'object':
         ctx, tgt = object_masking(is_object, mask_ratio, object_keep, generator, rows)
@@ -189,8 +215,9 @@ if __name__ == '__main__':
     sp.add_argument('--data', default='synthetic', help="dataset folder or name (default: %(default)s)")
     sp.add_argument('--classes', default='dota1.0', help='class list (default: %(default)s)')
     sp.add_argument('--out', default='masks.jpg', help='output picture (default: %(default)s)')
-    sp.add_argument('--mask', nargs='+', default=list(MODES), choices=MODES, help='strategies, one row each '
-                                                                                  '(default: all)')
+    drawable = [m for m in MODES if m != 'saliency']  # saliency needs an encoder's features
+    sp.add_argument('--mask', nargs='+', default=drawable, choices=drawable, help='strategies, one row each '
+                                                                                 '(default: all but saliency)')
     sp.add_argument('--n', type=int, default=6, help='images per row (default: %(default)s)')
     sp.add_argument('--img-size', type=int, default=128, help='crop side (default: %(default)s)')
     sp.add_argument('--patch-size', type=int, default=8, help='patch size (default: %(default)s)')

@@ -17,6 +17,11 @@ the image (the per-image mean leaves the targets; on NWPU VHR-10 this gave the e
 probe, RESULTS.md). Only the context encoder and predictor get gradients; the target encoder follows the context
 encoder by EMA, momentum rising linearly 0.996 -> 1.0. Masking strategies: masking.py.
 
+Images without labels (--unlabelled DIR ...: DOTA's test tiles, any folder of scenes) are pretrained on beside the
+train split. Object masking needs boxes there: --unlabelled-boxes reads a detector's (evaluate.py --write-labels,
+e.g. the detector fine-tuned on the labelled images, so no label is used twice); without them those images are
+masked at random. --mask saliency needs no boxes anywhere: the EMA target's own tokens choose (masking.py).
+
 Schedules (per optimizer step): lr linear warmup then cosine; weight decay cosine from --weight-decay (0.04) to
 --weight-decay-end (0.4), on weight matrices only (not biases, norms, tokens); gradient-norm clipping.
 Safety: OUT/last.pt is written atomically every --save-every steps and at each epoch end; --resume restores the
@@ -47,7 +52,7 @@ import runtime
 from data import DOTADataset, crop_offsets, epoch_loader, to_input
 from labels import CLASSES
 from prepare import resolve_data
-from masking import MODES, make_masks
+from masking import MODES, make_masks, saliency_patches
 from probe import Probe, describe
 from model import PRESETS, build_predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
@@ -63,6 +68,13 @@ def get_parser():
     a('--pred-dim', type=int, default=None, help="the predictor's width (default: the preset's; mini: 64)")
     a('--pred-depth', type=int, default=None, help="the predictor's blocks (default: the preset's; mini: 2)")
     a('--img-size', type=int, default=512, help='training crop side; objects keep their scale (default: %(default)s)')
+    a('--unlabelled', nargs='+', default=[], metavar='DIR',
+      help='folders of images without labels, pretrained on beside the train split: a `prepare.py split` of images '
+           'without labels (DOTA test), or DIR/images/*, or DIR/*; any labels there are not read (default: none)')
+    a('--unlabelled-boxes', default=None, metavar='DIR',
+      help="a detector's boxes for the --unlabelled images, one DOTA label file per image name (evaluate.py "
+           '--write-labels): --mask object hides them as it hides ground truth; without it those images are masked '
+           'at random (default: none)')
     a('--strict', action='store_true', help='stop at a damaged image or a repaired label instead of skipping it '
                                             'with a counted warning')
     a('--epochs', type=int, default=100, help='passes over the train split (default: %(default)s)')
@@ -79,6 +91,10 @@ def get_parser():
     a('--weight-decay-end', type=float, default=0.4, help='weight decay at the end, cosine (default: %(default)s)')
     a('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
     a('--mask', default='object', choices=MODES, help='masking strategy, see masking.py (default: %(default)s)')
+    a('--saliency-share', type=float, default=0.17,
+      help="saliency: the share of each image's patches whose EMA-target features lie farthest from the image's "
+           'mean, taken as its object patches: as many as boxes cover (NWPU 256² crops: 16.7 %% of the patches '
+           'overlap a box) (default: %(default)s)')
     a('--mask-ratio', type=float, default=0.75, help='share of patches hidden; not used by block (default: '
                                                      '%(default)s)')
     a('--object-keep', type=float, default=0.25, help='object/mixed: probability that an object patch stays '
@@ -156,14 +172,17 @@ def latent_targets(target, x, layers=1, norm='layer', offset=None):
 
 
 def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse', patch_size=16,
-              target_layers=1, target_norm='layer', offset=None):
+              target_layers=1, target_norm='layer', offset=None, full=None):
     """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt); weight (B, Nt) or None (all hidden patches count);
-    offset (B, 2) or None: where each crop starts in its tile, in patches (both encoders' positions).
+    offset (B, 2) or None: where each crop starts in its tile, in patches (both encoders' positions); full (B, N, D):
+    the targets of every patch when the caller already has them (saliency masking), else computed here.
     -> (loss, stats dict of detached tensors: target and prediction std across tokens, and mean_baseline: the loss
     that predicting each image's mean target at every hidden position would get; a loss not below it has learned
     nothing about *where* what is)."""
     with torch.no_grad():
-        if target_kind == 'latent':
+        if full is not None:
+            h = full
+        elif target_kind == 'latent':
             h = latent_targets(target, x, target_layers, target_norm, offset)  # (B, N, D): the full image,
             # normalized: a scale the predictor cannot shrink
         else:
@@ -187,6 +206,13 @@ def main(argv=None):
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[args.amp] if cuda else None
     ds = DOTADataset(resolve_data(args.data), 'train', CLASSES[args.classes], args.img_size, train=True,
                      strict=args.strict)
+    n_labelled = len(ds)
+    for folder in args.unlabelled:  # after the labelled images: the masks of those do not move
+        ds.add_unlabelled(folder, args.unlabelled_boxes)
+    if args.unlabelled_boxes and not args.unlabelled:
+        raise SystemExit('--unlabelled-boxes names boxes for --unlabelled images; give the folders with --unlabelled')
+    if args.mask == 'saliency' and args.target != 'latent':
+        raise SystemExit('--mask saliency ranks patches by the EMA target\'s features: it needs --target latent')
     steps_per_epoch = len(ds) // (args.batch_size * world * args.accum)
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(ds)} training images are fewer than one step: --batch-size x --accum x GPUs = '
@@ -218,7 +244,8 @@ def main(argv=None):
     fwd_model, fwd_target = (torch.compile(model), torch.compile(target)) if args.compile else (model, target)
     if main0:
         n_params = sum(p.numel() for p in context.parameters()) / 1e6
-        print(f'{args.model} ViT/{args.patch_size}: {n_params:.1f}M params, {len(ds)} train images, {world} '
+        print(f'{args.model} ViT/{args.patch_size}: {n_params:.1f}M params, {n_labelled} train images + '
+              f'{len(ds) - n_labelled} unlabelled ({", ".join(args.unlabelled) or "none"}), {world} '
               f'process(es), mask={args.mask}, target={args.target}, predict={args.predict}, device={device}')
 
     def checkpoint(epoch, batch):
@@ -247,18 +274,24 @@ def main(argv=None):
             x = to_input(images, targets, device)
             gh, gw = x.shape[-2] // args.patch_size, x.shape[-1] // args.patch_size
             B = len(images)
+            offset = crop_offsets(targets, args.patch_size, device)  # (B, 2) where each crop sits in its tile
+            full = salient = None
+            if args.mask == 'saliency':  # the targets first: their features choose the hidden patches
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    full = latent_targets(fwd_target, x, args.target_layers, args.target_norm, offset)  # (B, N, D)
+                salient = saliency_patches(full, args.saliency_share)  # (B, N) bool
             ctx_idx, tgt_idx, tgt_obj = make_masks(args.mask, [t['boxes'] for t in targets], gh, gw, args.patch_size,
                                                    args.mask_ratio, args.object_keep, gen, args.mask_dilate,
-                                                   args.p_object, rows=(rank * B, (rank + 1) * B, world * B))
+                                                   args.p_object, rows=(rank * B, (rank + 1) * B, world * B),
+                                                   salient=salient)
             weight = tgt_obj.to(device) if args.predict == 'objects' else None
-            offset = crop_offsets(targets, args.patch_size, device)  # (B, 2) where each crop sits in its tile
             batch, seen = batch + 1, seen + B
             sync = batch % args.accum == 0  # DDP all-reduces gradients only on the last micro-batch of a step
             with model.no_sync() if ddp and not sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss, stats = jepa_loss(fwd_model, fwd_target, x, ctx_idx.to(device), tgt_idx.to(device), weight,
                                             args.target, args.loss, args.patch_size, args.target_layers,
-                                            args.target_norm, offset=offset)
+                                            args.target_norm, offset=offset, full=full)
                 loss_value = loss.item()  # the one host sync of a micro-batch: check, sum and progress bar
                 if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
                     raise FloatingPointError(f'loss is {loss_value} at step {step} (epoch {epoch + 1}, batch '
@@ -289,7 +322,8 @@ def main(argv=None):
                     dist.all_reduce(logged, op=dist.ReduceOp.AVG if cuda else dist.ReduceOp.SUM)
                     logged = logged if cuda else logged / world
                 rec = {'step': step, 'epoch': epoch + 1, 'loss': logged.item(), 'lr': lr, 'weight_decay': wd,
-                       'momentum': momentum, **{k: v.item() for k, v in stats.items()}}
+                       'momentum': momentum, 'hidden_on_boxes': tgt_obj.float().mean().item(),
+                       **{k: v.item() for k, v in stats.items()}}
                 if main0:
                     log.write(json.dumps(rec) + '\n')
                     log.flush()

@@ -2,10 +2,13 @@
 
     Task1_<class>.txt   one line per detection: `image score x1 y1 x2 y2 x3 y3 x4 y4` (oriented boxes, task 1)
     Task2_<class>.txt   one line per detection: `image score xmin ymin xmax ymax` (axis-aligned boxes, task 2)
+    <image>.txt         a detector's boxes as DOTA label files (write_label_files), for masking images that have
+                        no labels in pretraining
 
 Detections and ground truth are {image id: {boxes, scores, labels[, difficult]}} dicts; boxes are (n, 4) xyxy for
 task 2 and polygons (n, 8) for task 1 (metrics.py evaluates both).
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +91,28 @@ def write_submission(out_dir, dets, class_names):
     for c, name in enumerate(class_names):
         (out_dir / f'Task{task}_{name}.txt').write_text(''.join(lines[c]))
     return task
+
+
+def write_label_files(out_dir, dets, class_names, min_score, source):
+    """A detector's boxes as DOTA label files OUT_DIR/<image>.txt (`x1 y1 ... x4 y4 class 0`, what labels.py reads),
+    those scoring at least min_score, one file per image (empty when it has none), and OUT_DIR/detections.json
+    recording `source` (the checkpoint, its data) and the threshold. dets: {image id: boxes (n, 4) xyxy or polygons
+    (n, 8), scores, labels}. -> the number of boxes written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for image_id, d in dets.items():
+        keep = np.asarray(d['scores']) >= min_score
+        b = np.asarray(d['boxes'], np.float64)[keep]
+        if b.shape[1] == 4:  # corners clockwise from the top left
+            b = b[:, [0, 1, 2, 1, 2, 3, 0, 3]]
+        names = [class_names[int(c)] for c in np.asarray(d['labels'])[keep]]
+        (out_dir / f'{image_id}.txt').write_text(''.join(' '.join(f'{v:.1f}' for v in p) + f' {c} 0\n'
+                                                         for p, c in zip(b, names)))
+        n += len(b)
+    (out_dir / 'detections.json').write_text(json.dumps({**source, 'min_score': min_score, 'images': len(dets),
+                                                         'boxes': n}, indent=2))
+    return n
 
 
 # ------------------------------------------------------------------------------------------------- merging
