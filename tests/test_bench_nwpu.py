@@ -4,11 +4,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 from data import DOTADataset
 from labels import CLASSES
-from prepare import make_synthetic
+from prepare import make_synthetic, split
 
 
 def test_every_kind_of_row_runs_and_leaves_a_checkpoint_a_probe_and_a_table(tmp_path):
@@ -35,20 +36,54 @@ def test_every_kind_of_row_runs_and_leaves_a_checkpoint_a_probe_and_a_table(tmp_
     assert set(res['rows']) == set(cells) and all(r['minutes'] > 0 for r in res['rows'].values())
     assert {'random weights', 'jepa-object (context)', 'jepa-object (EMA target)', 'pixels-random (context)',
             'fine-tuned scratch backbone'} == set(res['probes'])
-    # a rerun asks for the same pretrainings and fine-tunes: all reused, the same table
+    # a rerun asks for the same pretrainings, fine-tunes and evaluations: all reused, the same table
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count('# reused') == 2 + 6 + 5  # pretrainings, fine-tunes, probes
+    assert again.returncode == 0 and again.stdout.count('# reused') == 2 + 6 + 6 + 5  # pre, fine-tune, eval, probe
     assert again.stdout[again.stdout.index('row '):] == p.stdout[p.stdout.index('row '):]
-    # half the labels: new fine-tunes in rows of their own, the pretraining on every image reused
+    # half the labels, two fine-tuning seeds: the object-aware pretraining reads the labels of half the images only
     cmd[cmd.index(rows)] = 'scratch,jepa-object'
-    half = subprocess.run([*cmd, '--label-fraction', '0.5'], capture_output=True, text=True, timeout=600)
+    half = subprocess.run([*cmd, '--label-fraction', '0.5', '--seeds', '2', '--no-probe'], capture_output=True,
+                          text=True, timeout=600)
     assert half.returncode == 0, half.stdout[-3000:] + half.stderr[-3000:]
-    assert f'# reused {tmp_path / "out" / "jepa-object" / "pretrain"}' in half.stdout
+    assert f'# reused {tmp_path / "out" / "scratch" / "finetune"}' not in half.stdout
+    pre = tmp_path / 'out' / 'jepa-object@0.5labels'
+    assert '4 train images + 4 unlabelled' in (pre / 'pretrain.log').read_text()
     for cell in ('scratch@0.5labels', 'jepa-object@0.5labels', 'jepa-object@total@0.5labels'):
-        assert (tmp_path / 'out' / cell / 'finetune' / 'best.pt').exists()
-        assert '4 train tiles of 4 of 8 source images' in (tmp_path / 'out' / cell / 'finetune.log').read_text()
-    assert set(json.loads((tmp_path / 'out' / 'results.json').read_text())['rows']) == {
-        'scratch@0.5labels', 'jepa-object@0.5labels', 'jepa-object@total@0.5labels'}
+        for ft in ('finetune', 'finetune_s1'):
+            assert (tmp_path / 'out' / cell / ft / 'best.pt').exists()
+        assert '4 train tiles of 4 of 8 source images' in (tmp_path / 'out' / cell / 'finetune_s1.log').read_text()
+    table = half.stdout[half.stdout.index('row '):].splitlines()
+    assert 'mAP50 range' in table[0] and [line.split()[2] for line in table[1:4]] == ['2', '2', '2']  # seeds
+    res = json.loads((tmp_path / 'out' / 'results.json').read_text())['rows']
+    assert {k: len(v['seeds']) for k, v in res.items()} == {
+        'scratch@0.5labels': 2, 'jepa-object@0.5labels': 2, 'jepa-object@total@0.5labels': 2}
+    assert res['scratch@0.5labels']['map50'] == pytest.approx(np.mean([r['map50'] for r in
+                                                                       res['scratch@0.5labels']['seeds']]))
+
+
+def test_the_fair_split_leaves_no_label_of_an_unlabelled_image_where_the_pretraining_reads(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))
+    import nwpu
+    make_synthetic(tmp_path / 'src', n_train=8, n_val=1, size=64, seed=0)
+    split(tmp_path / 'src' / 'train', tmp_path / 'data' / 'train', 48, 16, workers=1, classes=CLASSES['dota1.0'])
+    fair = nwpu.fair_split(tmp_path / 'data', 0.25)
+    full = DOTADataset(tmp_path / 'data', 'train', CLASSES['dota1.0'])
+    labelled = DOTADataset(fair, 'train', CLASSES['dota1.0'])
+    full.keep_sources(0.25)  # the tiles finetune.py --label-fraction 0.25 trains on
+    assert [f.name for f in labelled.files] == [f.name for f in full.files] and len(labelled) == 2 * 4
+    assert [t['boxes'].tolist() for t in labelled.targets] == [t['boxes'].tolist() for t in full.targets]
+    # what the pretraining reads: no label files, and manifest records of the image alone
+    assert not list(fair.rglob('*.txt'))
+    records = json.loads((fair / 'unlabelled' / 'manifest.json').read_text())['tiles']
+    assert len(records) == 6 * 4 and all(set(t) == {'name', 'file', 'width', 'height', 'content'} for t in records)
+    assert not {t['name'] for t in records} & {f.stem for f in labelled.files}
+    labelled.add_unlabelled(fair / 'unlabelled')
+    assert len(labelled) == 32 and sum(len(t['boxes']) for t in labelled.targets[8:]) == 0
+    # the held-back truth of those tiles lies outside it, for scoring the detector's boxes
+    held = json.loads((tmp_path / 'data' / 'heldback@0.25' / 'unlabelled' / 'manifest.json').read_text())['tiles']
+    assert [t['name'] for t in held] == [t['name'] for t in records] and any(t.get('labels') for t in held)
+    assert nwpu.fair_split(tmp_path / 'data', 0) and not json.loads(
+        (tmp_path / 'data' / 'fair@0' / 'train' / 'manifest.json').read_text())['tiles']  # F = 0: none labelled
 
 
 def test_the_real_set_cuts_into_the_documented_half_resolution_tiles(nwpu, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, dets, gts
 from labels import CLASSES, LabelError, parse_label_file
-from submission import merge_tiles, nms, read_labels, read_submission, write_submission
+from submission import merge_tiles, nms, read_labels, read_submission, write_label_files, write_submission
 from metrics import box_iou, evaluate_coco, evaluate_dota
 from prepare import split
 
@@ -87,6 +87,25 @@ def test_merge_maps_tiles_back_and_removes_seam_duplicates():
     m = merge_tiles(tiles, 0.5)['P1']
     np.testing.assert_allclose(m['boxes'], [[90, 10, 110, 30], [130, 50, 140, 60], [200, 0, 220, 20]])
     assert m['scores'].tolist() == [0.9, 0.7, 0.6] and m['labels'].tolist() == [6, 6, 0]
+
+
+def test_detector_boxes_round_trip_through_the_label_reader(tmp_path):
+    from labels import Problems, load_labels
+    d = {'A': dets([[1, 2, 30, 40.5], [5, 5, 9, 9]], [0.9, 0.1], [6, 0]),  # the 0.1 box is under the threshold
+         'B': {'boxes': np.array([[10, 10, 20, 10, 20, 16, 10, 16.0]]), 'scores': np.array([0.5]),
+               'labels': np.array([2])},  # an oriented model's polygon
+         'C': dets([], [], [])}
+    assert write_label_files(tmp_path, d, V1, 0.3, {'checkpoint': 'x.pt'}) == 2
+    problems = Problems(strict=True)  # nothing to repair in what it wrote
+    boxes, labels, diff = load_labels(tmp_path / 'A.txt', V1, 64, 64, problems)
+    np.testing.assert_allclose(boxes, [[1, 2, 30, 40.5]])
+    assert labels.tolist() == [6] and not diff.any()
+    boxes, labels, _ = load_labels(tmp_path / 'B.txt', V1, 64, 64, problems)
+    np.testing.assert_allclose(boxes, [[10, 10, 20, 16]])
+    assert labels.tolist() == [2]
+    assert parse_label_file(tmp_path / 'C.txt', V1)[0].shape == (0, 8)  # an image without boxes has its file
+    side = json.loads((tmp_path / 'detections.json').read_text())
+    assert side == {'checkpoint': 'x.pt', 'min_score': 0.3, 'images': 3, 'boxes': 2}
 
 
 def test_submission_files_round_trip_and_bad_lines(tmp_path):

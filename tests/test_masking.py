@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from masking import block_masking, make_masks, object_masking, object_patches, random_masking
+from masking import block_masking, make_masks, object_masking, object_patches, random_masking, saliency_patches
 
 
 def check_partition(ctx, tgt, N, M):
@@ -117,3 +117,26 @@ def test_every_row_and_column_is_sometimes_hidden(mode):
         hit += torch.zeros(8, 120).scatter_(1, tgt, 1.0).sum(0)
     hit = hit.view(10, 12)
     assert (hit.sum(1) > 0).all() and (hit.sum(0) > 0).all()
+
+
+def test_saliency_picks_the_tokens_unlike_their_image_and_hides_them_first():
+    B, N, D = 3, 64, 8
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(B, 1, D).expand(B, N, D) + 0.01 * torch.randn(B, N, D, generator=g)  # a plain field...
+    odd = torch.tensor([[3, 10, 20, 30, 40, 50, 60, 63], [0, 1, 2, 3, 4, 5, 6, 7], [9, 18, 27, 36, 45, 54, 62, 7]])
+    feats = feats.clone()
+    feats[torch.arange(B)[:, None], odd] += 5 * torch.randn(B, 8, D, generator=g)  # ...with 8 objects in it
+    salient = saliency_patches(feats, 8 / 64)
+    assert salient.sum(1).tolist() == [8, 8, 8]
+    assert all(set(salient[b].nonzero().squeeze(1).tolist()) == set(odd[b].tolist()) for b in range(B))
+    ctx, tgt, _ = make_masks('saliency', [torch.zeros(0, 4)] * B, 8, 8, 8, 0.75, object_keep=0.0, generator=g,
+                             salient=salient)
+    assert tgt.shape == (B, 48) and ctx.shape == (B, 16)  # the ratio asked
+    assert salient.gather(1, tgt).sum().item() == 3 * 8  # every salient patch hidden (none kept visible)
+    assert not salient.gather(1, ctx).any()
+    # with object_keep 0.25 about a quarter of them stay visible, as object patches do
+    kept = [salient.gather(1, make_masks('saliency', [torch.zeros(0, 4)] * B, 8, 8, 8, 0.75, generator=g,
+                                         salient=salient)[0]).sum().item() for _ in range(200)]
+    assert 0.2 < sum(kept) / (200 * 3 * 8) < 0.3
+    with pytest.raises(ValueError, match='salient'):
+        make_masks('saliency', [torch.zeros(0, 4)] * B, 8, 8, 8, 0.75)

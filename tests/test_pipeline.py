@@ -66,6 +66,17 @@ def test_chain_end_to_end(tmp_path):
     assert '4 images; submission files (no --labels, so no score)' in out
     lines = (tmp_path / 'test_out' / 'submission' / 'Task2_ship.txt').read_text().splitlines()
     assert lines and all(len(line.split()) == 6 for line in lines)  # image score x1 y1 x2 y2
+    # the detector's boxes on those unlabelled tiles as label files, and a pretraining that masks them with those
+    out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--data', tmp_path / 'tiles', '--split',
+              'test', '--workers', 0, '--out', tmp_path / 'test_out', '--write-labels', tmp_path / 'boxes',
+              '--label-conf', 0.0, cwd=tmp_path)
+    tiles = sorted(p.stem for p in (tmp_path / 'tiles' / 'test' / 'images').glob('*'))
+    assert sorted(p.stem for p in (tmp_path / 'boxes').glob('*.txt')) == tiles
+    assert json.loads((tmp_path / 'boxes' / 'detections.json').read_text())['checkpoint'].endswith('best.pt')
+    out = run(ROOT / 'pretrain.py', '--data', data, '--model', 'test', '--patch-size', 8, '--epochs', 1,
+              '--unlabelled', tmp_path / 'tiles' / 'test', '--unlabelled-boxes', tmp_path / 'boxes',
+              '--out', tmp_path / 'pre2', *common, cwd=tmp_path)
+    assert f'16 train images + {len(tiles)} unlabelled' in out
     # from scratch
     out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data', data,
               '--epochs', 1, '--head-dim', 32, '--stride', 4, '--fine', 0, '--out', tmp_path / 'scratch', *common,

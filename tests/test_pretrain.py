@@ -196,3 +196,27 @@ def test_both_encoders_place_each_crop_where_it_was_cut(tmp_path, monkeypatch):
     offsets = torch.cat(seen)  # (steps * B, 2), in patches of 8 px
     assert offsets.shape == (16, 2) and offsets.min() >= 0 and offsets.max() <= 4 and offsets.max() > 0
     assert len({tuple(o) for o in offsets.tolist()}) > 4  # drawn, not fixed
+
+
+def test_pretraining_reads_unlabelled_folders_with_or_without_a_detectors_boxes(synth, tmp_path, capsys):
+    import shutil
+    from data import DOTADataset
+    from labels import CLASSES
+    plain = tmp_path / 'scenes'  # a folder of images, no labelTxt: how DOTA's test set and a user's scenes come
+    shutil.copytree(synth / 'val' / 'images', plain)
+    names = sorted(p.stem for p in plain.glob('*.png'))
+    boxes = tmp_path / 'boxes'  # a detector's boxes for one of them, none for the other
+    boxes.mkdir()
+    (boxes / f'{names[0]}.txt').write_text('2 2 12 2 12 9 2 9 ship 0\n')
+    with pytest.warns(UserWarning, match='1 x unlabelled image without a box file'):
+        log = run(synth, tmp_path / 'run', '--unlabelled', plain, '--unlabelled-boxes', boxes, '--mask', 'object',
+                  '--batch-size', 6)
+    assert '16 train images + 2 unlabelled' in capsys.readouterr().out
+    assert len(log) == 6 and all(0 <= r['hidden_on_boxes'] <= 1 for r in log)  # 18 images: 3 steps of 6, 2 epochs
+    ds = DOTADataset(synth, 'train', CLASSES['dota1.0'])
+    assert ds.add_unlabelled(plain, boxes) == 2
+    assert ds.targets[-2]['boxes'].tolist() == [[2, 2, 12, 9]] and len(ds.targets[-1]['boxes']) == 0
+    log = run(synth, tmp_path / 'saliency', '--unlabelled', plain, '--mask', 'saliency', '--saliency-share', 0.25)
+    assert len(log) == 8  # 18 images: 4 steps of 4 per epoch
+    with pytest.raises(SystemExit, match='--target latent'):
+        run(synth, tmp_path / 'bad', '--mask', 'saliency', '--target', 'pixels')
