@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from labels import IMG_EXTS, LabelError, Problems, load_labels, read_image
 from obb import clip_to_rect, obb_to_poly, poly_to_obb, wrap_angle
@@ -30,8 +29,7 @@ STD = (0.229, 0.224, 0.225)
 class DOTADataset(torch.utils.data.Dataset):
     """Images of ROOT/SPLIT with their boxes. Labels are parsed once, at construction.
 
-    train=True: with scale=s > 0 a random resize by a factor drawn uniformly from [1 - s, 1 + s] (YOLO's scale
-    augmentation: objects seen at other sizes), a random crop to img_size (padded with zeros when the image is
+    train=True: a random crop to img_size (padded with zeros when the image is
     smaller; inside a padded tile's image part, which a `prepare.py split` manifest records) and, with
     flips=True, a random element of the dihedral group (flips and 90 degree rotations).
     train=False: the whole image.
@@ -41,13 +39,10 @@ class DOTADataset(torch.utils.data.Dataset):
     model trained on crops has seen every position of the whole tiles; a turn swaps it, flips do not move it}).
     """
 
-    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True, boxes='hbb',
-                 scale=0.0):
+    def __init__(self, root, split, class_names, img_size=512, train=False, strict=False, flips=True, boxes='hbb'):
         if boxes not in ('hbb', 'obb'):
             raise ValueError(f"boxes must be 'hbb' or 'obb', got {boxes!r}")
-        if not 0 <= scale < 1:
-            raise ValueError(f'scale must be in [0, 1), got {scale}')
-        self.class_names, self.img_size, self.train, self.flips, self.scale = class_names, img_size, train, flips, scale
+        self.class_names, self.img_size, self.train, self.flips = class_names, img_size, train, flips
         self.kind = boxes
         self.strict, self.damaged = strict, []  # images that failed to decode during training (paths)
         folder = Path(root) / split
@@ -182,10 +177,6 @@ class DOTADataset(torch.utils.data.Dataset):
         boxes, labels, diff = (torch.from_numpy(t[k]) for k in ('boxes', 'labels', 'difficult'))
         target, origin = {'name': self.files[i].stem}, (0, 0)
         if self.train:
-            if self.scale:
-                h, w = img.shape[:2]
-                img, boxes = random_resize(img, boxes, self.scale, g)
-                within = within and (round(within[0] * img.shape[0] / h), round(within[1] * img.shape[1] / w))
             img, boxes, keep, origin = random_crop(img, boxes, self.img_size, g, within)
             labels, diff = labels[keep], diff[keep]
             if self.flips:
@@ -198,21 +189,10 @@ class DOTADataset(torch.utils.data.Dataset):
         return img, target
 
 
-# The CPU side only decodes and crops (a view; with --scale it also resizes). Flips and 90-degree turns are drawn
+# The CPU side only decodes and crops (a view). Flips and 90-degree turns are drawn
 # here but applied to the pixels on the device (orient): a transposing copy of a 1024^2 RGB tile costs ~2 ms on a
 # CPU, half its JPEG decode; on the device it is free. The boxes are transformed here, so a target always describes
 # the image as the model sees it.
-def random_resize(img, boxes, scale, generator=None):
-    """img (H, W, 3) uint8 and its boxes (N, 4) xyxy or (N, 5) oriented, resized by a factor drawn uniformly
-    from [1 - scale, 1 + scale] (bilinear, antialiased when shrinking); an angle does not change."""
-    f = 1 + scale * (2 * float(torch.rand((), generator=generator)) - 1)
-    h, w = (max(round(n * f), 1) for n in img.shape[:2])
-    x = F.interpolate(img.permute(2, 0, 1)[None].float(), size=(h, w), mode='bilinear', antialias=f < 1)
-    f_xy = torch.tensor([w / img.shape[1], h / img.shape[0]] * 2, dtype=boxes.dtype)  # the exact factors, per axis
-    boxes = boxes * (f_xy if boxes.shape[1] == 4 else torch.cat([f_xy, torch.ones(1, dtype=boxes.dtype)]))
-    return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0), boxes
-
-
 def random_crop(img, boxes, size, generator=None, within=None):
     """A random window of at most size x size of img (H, W, 3), as a view (collate pads smaller ones); boxes are
     shifted and clipped, and those left with less than 1 px of width or height are dropped. -> window, boxes, keep

@@ -1,8 +1,8 @@
 """The DETR-style detector on a ViT backbone and its post-processing (training: matcher.py).
 
-    ViT tokens (stride = patch size) -> neck (ViTDet-style upsampling) -> a map at `stride` (8 by default)
-       [+ spatial_prior: a small CNN's map of the pixels at the same stride, for detail finer than a patch]
-       [+ fine: a second map at stride / 2 for the objects smaller than `fine` px (dense head only)]
+    ViT tokens (stride = patch size) -> neck (ViTDet-style upsampling) -> a map at `stride` (the patch size by default)
+       + spatial_prior: a small CNN's map of the pixels at the same stride, for detail finer than a patch
+       + fine: a second map at stride / 2 for the objects smaller than `fine` px (dense head only)
     -> encoder stage: at every cell, class scores and a box (dense; trained one-to-one on its own)
     -> the top-K cells by score become queries (RT-DETR / DINO two-stage query selection)
     -> `dec_layers` decoder layers (self-attention among queries, cross-attention to the map, FFN), each refining
@@ -84,27 +84,6 @@ class SpatialPrior(nn.Module):
         return self.layers(x)
 
 
-class PeakFilter(nn.Module):
-    """A learned term for each cell's class logits that can tell the cell nearest an object from its neighbours,
-    which see nearly the same pixels and predict nearly the same box (the duplicates of a one-to-one head without
-    NMS). A small embedding e of each cell is compared with the maximum of its 3 x 3 neighbourhood (e - max <= 0,
-    0 where the cell is the local peak), and a two-layer MLP reads (e, e - max, where the cell's own box centre lies
-    relative to the cell) -> one logit offset per class, zero at the start. It is DeFCN's max filter with what the
-    older `max_filter` option lacks: a learned feature to take the maximum of, and a nonlinearity to turn "below
-    the peak" or "the centre is in my neighbour" into "stay silent" (a single linear class conv cannot)."""
-
-    def __init__(self, dim, num_classes, embed=16, hidden=64):
-        super().__init__()
-        self.embed = nn.Conv2d(dim, embed, 3, padding=1)
-        self.mlp = nn.Sequential(nn.Conv2d(2 * embed + 2, hidden, 1), nn.GELU(), nn.Conv2d(hidden, num_classes, 1))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-
-    def forward(self, f, offset):  # f (B, Dh, h, w); offset (B, 2, h, w): box centre - cell centre, in cells
-        e = self.embed(f)  # (B, E, h, w)
-        return self.mlp(torch.cat([e, e - F.max_pool2d(e, 3, 1, 1), offset], 1))  # (B, C, h, w)
-
-
 class Detector(nn.Module):
     """ViT backbone -> `stride` map -> dense encoder stage -> top-K queries -> `dec_layers` decoder layers.
 
@@ -122,14 +101,17 @@ class Detector(nn.Module):
     under T px (longer side), the coarse level's to the rest (matcher.py). Both levels' cells form one output.
     """
 
-    def __init__(self, backbone, num_classes, head_dim=128, stride=8, dec_layers=2, num_queries=1000, heads=4,
-                 obb=False, o2m=0, max_filter=False, spatial_prior=False, adapt=False, peak=False, fine=0):
+    def __init__(self, backbone, num_classes, head_dim=128, stride=None, dec_layers=0, num_queries=1000, heads=4,
+                 obb=False, spatial_prior=True, fine=None):
+        """Defaults are finetune.py's: stride None = the patch size; fine None = 2 x the stride where the head allows
+        a second map (dec_layers 0, stride >= 8), else 0."""
         super().__init__()
         self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
-        self.o2m, self.max_filter, self.fine = o2m, max_filter, fine
         p, c, layers = backbone.patch_size, backbone.dim, []
-        # adapt: a linear map of the tokens before the neck (finetune.py --whiten sets it to their whitening)
-        self.adapt = nn.Linear(c, c) if adapt else None
+        stride = stride or p
+        if fine is None:
+            fine = 0 if dec_layers or stride < 8 else 2 * stride
+        self.fine = fine
         if stride > p or p % stride or (p // stride) & (p // stride - 1):
             raise ValueError(f'stride {stride} must be the patch size {p} divided by a power of 2')
         while p > stride:  # ViTDet's simple pyramid, one level: transposed conv, norm, GELU per factor 2
@@ -139,15 +121,8 @@ class Detector(nn.Module):
         self.neck = nn.Sequential(*layers, nn.Conv2d(c, head_dim, 1), nn.GroupNorm(8, head_dim), nn.GELU(),
                                   nn.Conv2d(head_dim, head_dim, 3, padding=1), nn.GroupNorm(8, head_dim), nn.GELU())
         self.prior = SpatialPrior(self.stride, head_dim) if spatial_prior else None
-        # max_filter: the class scores also see how far each cell's features are below their 3 x 3 neighbourhood's
-        # maximum, so that of two neighbours seeing the same object only one need fire (DeFCN's max filtering,
-        # one scale): a one-to-one head without NMS otherwise has to tell near-identical cells apart
-        self.cls = nn.Conv2d(head_dim * (2 if max_filter else 1), num_classes, 3, padding=1)
+        self.cls = nn.Conv2d(head_dim, num_classes, 3, padding=1)
         self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
-        self.peak = PeakFilter(head_dim, num_classes) if peak else None  # the one-to-one head's only
-        if o2m:  # a second dense head on the same map, trained one-to-many and used in training only (YOLOv10)
-            self.cls_o2m = nn.Conv2d(head_dim, num_classes, 3, padding=1)
-            self.box_o2m = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
         if dec_layers:  # (only then: DDP requires every parameter to take part in the loss)
             self.query = nn.Sequential(nn.Linear(head_dim, head_dim), nn.LayerNorm(head_dim))  # cell feature -> query
             # the dense stage's class scores -> query content: the scores each layer corrects must be visible to the
@@ -162,33 +137,30 @@ class Detector(nn.Module):
         if obb and dec_layers:  # (cos 2 theta, sin 2 theta) of the reference -> added to the size half of q_pos
             self.angle_pos = nn.Linear(2, head_dim // 2)
         if fine:  # ViTDet's simple pyramid, one more step (its P2): half the width, 4x the cells
-            if dec_layers or o2m or peak or self.stride < 8:
-                raise ValueError('fine: the dense head alone (dec_layers=0, o2m=0, peak=False) at stride >= 8')
+            if dec_layers or self.stride < 8:
+                raise ValueError('fine: the dense head alone (dec_layers=0) at stride >= 8')
             d = head_dim // 2
             self.fine_up = nn.Sequential(nn.ConvTranspose2d(head_dim, d, 2, 2), nn.GroupNorm(8, d), nn.GELU())
             self.fine_prior = SpatialPrior(self.stride // 2, d) if spatial_prior else None
             self.fine_conv = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.GroupNorm(8, d), nn.GELU())
-            self.cls_fine = nn.Conv2d(d * (2 if max_filter else 1), num_classes, 3, padding=1)
+            self.cls_fine = nn.Conv2d(d, num_classes, 3, padding=1)
             self.box_fine = nn.Conv2d(d, 6 if obb else 4, 3, padding=1)
         prior = -math.log(99)  # probability 0.01 at the start: the focal loss starts stable
-        for m in [self.cls] + ([self.cls_o2m] if o2m else []) + ([self.cls_fine] if fine else []):
+        for m in [self.cls] + ([self.cls_fine] if fine else []):
             nn.init.constant_(m.bias, prior)
-        for m in [self.box, *self.dec_cls, *(b[-1] for b in self.dec_box)] + ([self.box_o2m] if o2m else []) + \
-                ([self.box_fine] if fine else []):  # the cell / ref box
-            nn.init.zeros_(m.weight)
+        for m in [self.box, *self.dec_cls, *(b[-1] for b in self.dec_box)] + ([self.box_fine] if fine else []):
+            nn.init.zeros_(m.weight)  # the cell / ref box
             nn.init.zeros_(m.bias)
 
-    def dense(self, f, cls, box, g=None, peak=None, stride=None):
+    def dense(self, f, cls, box, stride=None):
         """One dense stage on the map f (B, Dh, h, w) at `stride` (default: the map's) with its class and box
-        convolutions (cls reads g if given; a PeakFilter `peak` adds to the logits) -> (output dict: logits (B, M, C),
-        boxes (B, M, 4 | 5), centres, stride; and the decoded (cxcy, wh, theta or None), each (B, M, .))"""
+        convolutions -> (output dict: logits (B, M, C), boxes (B, M, 4 | 5), centres, stride; and the decoded
+        (cxcy, wh, theta or None), each (B, M, .))"""
         stride = stride or self.stride
         h, w = f.shape[-2:]
         ys, xs = torch.meshgrid(torch.arange(h, device=f.device), torch.arange(w, device=f.device), indexing='ij')
         centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * stride  # (M, 2), M = h * w
-        logits, d = cls(f if g is None else g), box(f)  # (B, C, h, w), (B, 4 | 6, h, w)
-        if peak is not None:  # the offsets are an input, not a target of the class loss: detached
-            logits = logits + peak(f, d[:, :2].detach())
+        logits, d = cls(f), box(f)  # (B, C, h, w), (B, 4 | 6, h, w)
         logits = logits.flatten(2).transpose(1, 2)  # (B, M, C)
         d = d.flatten(2).transpose(1, 2).float()  # (B, M, 4 | 6)
         cxcy = centres + d[..., :2] * stride
@@ -206,8 +178,7 @@ class Detector(nn.Module):
         if self.fine_prior is not None:
             f2 = f2 + self.fine_prior(x)
         f2 = self.fine_conv(f2)
-        g2 = torch.cat([f2, f2 - F.max_pool2d(f2, 3, 1, 1)], 1) if self.max_filter else f2
-        fine = self.dense(f2, self.cls_fine, self.box_fine, g2, stride=self.stride // 2)[0]
+        fine = self.dense(f2, self.cls_fine, self.box_fine, stride=self.stride // 2)[0]
         M, M2 = coarse['logits'].shape[1], fine['logits'].shape[1]
         out = {k: torch.cat([coarse[k], fine[k]], 1) for k in ('logits', 'boxes', 'centres')}
         counts = torch.tensor([M, M2], device=x.device)  # coarse cells first, then fine ones
@@ -221,25 +192,20 @@ class Detector(nn.Module):
         ViT's positions; data.py's 'origin') -> dict: logits (B, K, C), boxes (B, K, 4) xyxy px (obb: (B, K, 5) cx,
         cy, w, h, theta; theta unwrapped, postprocess wraps it), centres (B, K, 2) (the cell each prediction started
         from), stride; with decoder layers also 'aux' (the earlier layers' outputs) and 'dense' (the encoder stage,
-        all M cells). Without, K = M and the encoder stage is the output. In training with o2m = k > 0 also 'o2m':
-        the one-to-many head's dense output (all M cells) and its 'topk' k. With fine: the cells of both levels,
+        all M cells). Without, K = M and the encoder stage is the output. With fine: the cells of both levels,
         'stride' (M,) and 'claim' (M, 2) (fine_level)."""
         B, _, H, W = x.shape
         p = self.backbone.patch_size
         f = self.backbone(x, offset=offset)  # (B, N, D)
-        f = (f if self.adapt is None else self.adapt(f)).transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, h, w)
+        f = f.transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, h, w)
         f = self.neck(f)  # (B, Dh, h, w), h = H / stride
         if self.prior is not None:
             f = f + self.prior(x)  # (B, Dh, h, w): each cell's own local detail
-        g = torch.cat([f, f - F.max_pool2d(f, 3, 1, 1)], 1) if self.max_filter else f  # (B, Dh or 2 Dh, h, w)
-        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box, g, self.peak)
+        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box)
         if self.fine:
             return self.fine_level(f, x, dense)
-        extra = {}
-        if self.o2m and self.training:  # the one-to-many head: more positives per GT for the shared neck to learn from
-            extra['o2m'] = {**self.dense(f, self.cls_o2m, self.box_o2m)[0], 'topk': self.o2m}
         if not self.layers:
-            return {**dense, **extra}
+            return dense
         # query selection: the K cells whose best class score is highest; their features and boxes start the decoder
         mem = f.flatten(2).transpose(1, 2)  # (B, M, Dh)
         K = min(self.num_queries, mem.shape[1])
@@ -266,7 +232,7 @@ class Detector(nn.Module):
                 torch.cat([c2 - s2 / 2, c2 + s2 / 2], -1)
             outs.append({'logits': base + cls_head(q), 'boxes': box, 'centres': start, 'stride': self.stride})
             ref = (box if self.obb else torch.cat([c2, s2], -1)).detach()
-        return {**outs[-1], 'aux': outs[:-1], 'dense': dense, **extra}
+        return {**outs[-1], 'aux': outs[:-1], 'dense': dense}
 
 
 def outside_cell(out, margin):

@@ -273,19 +273,32 @@ def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_d
     return res, text
 
 
+# Options of finetune.py measured and removed (RESULTS.md, "tried and removed"): a checkpoint trained with one of them
+# set away from what the code now does cannot be rebuilt here. `git checkout d94a794b30` has them all.
+REMOVED = {'max_filter': False, 'peak_filter': False, 'o2m': 0, 'whiten': 0, 'near_negatives': 0.0, 'ema': 0.0,
+           'drop_path': 0.0, 'scale': 0.0, 'reinit_blocks': 0, 'freeze_epochs': 0, 'layer_decay': 1.0,
+           'cls_loss': 'varifocal', 'matcher': 'greedy', 'encoder': 'context'}
+
+
 def load_detector(path, device):
-    """A Detector from a finetune.py checkpoint -> (model, the checkpoint)."""
+    """A Detector from a finetune.py checkpoint -> (model, the checkpoint). A checkpoint of a removed option
+    (REMOVED) is an error naming the option and the commit that still has it."""
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     a = ckpt['args']
+    gone = {k: a[k] for k, v in REMOVED.items() if a.get(k, v) != v}
+    if gone:
+        raise SystemExit(f'{path} was trained with ' + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in
+                                                                gone.items()) +
+                         ': options removed after measuring them (RESULTS.md, "tried and removed"); '
+                         '`git checkout d94a794b30` evaluates it')
     model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'],
                      a.get('stride', 8), a.get('dec_layers', 0), a.get('num_queries', 1000),
-                     obb=a.get('boxes', 'hbb') == 'obb', max_filter=a.get('max_filter', False),
-                     spatial_prior=a.get('spatial_prior', False), adapt=a.get('whiten', 0) > 0,
-                     peak=a.get('peak_filter', False), fine=a.get('fine', 0))
-    own = model.state_dict()  # not needed to predict: the training-only one-to-many head (--o2m) and, in
-    # checkpoints before 2026-11-30, a dense-only model's unused query layers
+                     obb=a.get('boxes', 'hbb') == 'obb', spatial_prior=a.get('spatial_prior', False),
+                     fine=a.get('fine', 0))
+    own = model.state_dict()  # not needed to predict: in checkpoints before 2026-11-30, a dense-only model's unused
+    # query layers
     model.load_state_dict({k: v for k, v in ckpt['model'].items() if k in own or
-                           not k.startswith(('query.', 'size_pos.', 'angle_pos.', 'cls_o2m.', 'box_o2m.'))})
+                           not k.startswith(('query.', 'size_pos.', 'angle_pos.'))})
     return model.to(device), ckpt
 
 
@@ -313,41 +326,28 @@ def get_parser():
                     'split may have no labels (then the table is empty)')
     ap.add_argument('--label-conf', type=float, default=0.3, help='--write-labels: the score a box needs to be '
                                                                   'written (default: %(default)s)')
-    ap.add_argument('--nms-iou', type=float, default=0.5, help='IoU above which --merge drops the lower-scored of '
-                                                               'two same-class boxes (default: %(default)s)')
     ap.add_argument('--classes', default=None, choices=list(CLASSES), help="class list; default: the checkpoint's "
                                                                           "(offline: 'dota1.0')")
     ap.add_argument('--data', default=None, help="dataset folder or name ('synthetic', 'dota'); default: the one "
                                                  'the checkpoint was trained on')
     ap.add_argument('--split', default='val', help='split folder to evaluate (default: %(default)s)')
-    ap.add_argument('--model', default=None, help='ViT preset; must match the checkpoint (read from it if unset)')
-    ap.add_argument('--patch-size', type=int, default=None, help='patch size; must match the checkpoint')
-    ap.add_argument('--img-size', type=int, default=None, help='unused at evaluation (whole images are used); '
-                                                               'accepted for symmetry with the other scripts')
     ap.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default: %(default)s)')
     ap.add_argument('--conf', type=float, default=0.001, help='score floor for detections (default: %(default)s)')
     ap.add_argument('--max-det', type=int, default=1000, help='top-K detections per image (default: %(default)s)')
     ap.add_argument('--centre-gate', type=float, default=None, help='m: drop each cell whose box centre lies more '
                     'than 0.5 + m cells from its own (detector.postprocess); default: the checkpoint\'s '
                     '(finetune.py --centre-gate); a negative value: off')
-    ap.add_argument('--max-dets', type=int, default=None, help='coco protocol: evaluate only the top N detections '
-                                                               'per image and class (default: all)')
-    ap.add_argument('--difficult', choices=['ignore', 'normal'], default='ignore',
-                    help='coco protocol: difficult GT ignored (neither TP nor FP, not in #GT) or counted '
-                         '(default: %(default)s)')
     ap.add_argument('--json', default=None, help='also write the numbers to this JSON file')
     ap.add_argument('--out', default=None, help='folder for pictures and submission files (default: the checkpoint '
                                                 "folder; offline: don't write)")
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
     ap.add_argument('--workers', type=int, default=2, help='data-loader threads (default: %(default)s)')
-    ap.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     return ap
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     args.protocol = args.protocol or ('dota' if args.merge else 'coco')
-    torch.manual_seed(args.seed)
     if args.dets:  # offline: submission files against label files, no model
         if not args.labels:
             raise SystemExit('--dets needs --labels (the labelTxt folder of the same images)')
@@ -355,16 +355,12 @@ def main(argv=None):
         task = submission_task(args.dets)
         gts = read_labels(args.labels, class_names, task)
         dets = read_submission(args.dets, class_names, list(gts), task)
-        res, text = score([dets[i] for i in gts], list(gts.values()), class_names, args.protocol, args.difficult,
-                          args.max_dets, args.sizes, args.errors)
+        res, text = score([dets[i] for i in gts], list(gts.values()), class_names, args.protocol, sizes=args.sizes,
+                          errors=args.errors)
     elif args.ckpt:
         device = torch.device(args.device)
         model, ckpt = load_detector(args.ckpt, device)
         a, class_names = ckpt['args'], ckpt['class_names']
-        for flag in ('model', 'patch_size'):
-            if getattr(args, flag) not in (None, a[flag]):
-                raise SystemExit(f'--{flag.replace("_", "-")} {getattr(args, flag)} does not match the checkpoint '
-                                 f'({a[flag]})')
         own = 1 if a.get('boxes') == 'obb' else 2
         task = args.task or own
         if task < own:
@@ -381,7 +377,7 @@ def main(argv=None):
         if args.merge:
             tile_dets = {t['name']: d for _, targets, dets in predict(model, loader, device, args.conf, args.max_det,
                                                                         hbb, gate) for t, d in zip(targets, dets)}
-            merged = merge_tiles(tile_dets, args.nms_iou)
+            merged = merge_tiles(tile_dets)  # NMS at IoU 0.5, DOTA_devkit's
             if not args.labels:  # the test split: files for the evaluation server, nothing to score here
                 write_submission(out / 'submission', merged, class_names)
                 print(f'{len(merged)} images; submission files (no --labels, so no score): '
@@ -395,11 +391,11 @@ def main(argv=None):
             write_submission(out / 'submission', merged, class_names)
             empty = {'boxes': np.zeros((0, 4)), 'scores': np.zeros(0), 'labels': np.zeros(0, np.int64)}
             res, text = score([merged.get(i, empty) for i in gts], list(gts.values()), class_names, args.protocol,
-                              args.difficult, args.max_dets, args.sizes, args.errors)
+                              sizes=args.sizes, errors=args.errors)
             text += f'\nsubmission files: {out / "submission"}/Task{task}_<class>.txt'
         else:
             res, text = run_eval(model, loader, class_names, device, args.conf, args.max_det, out,
-                                 difficult=args.difficult, protocol=args.protocol, sizes=args.sizes, hbb=hbb,
+                                 protocol=args.protocol, sizes=args.sizes, hbb=hbb,
                                  errors=args.errors, centre_gate=gate, labels_out=args.write_labels and (
                                      args.write_labels, args.label_conf,
                                      {'checkpoint': str(args.ckpt), 'data': str(args.data or a['data']),

@@ -9,19 +9,18 @@ default); with --dec-layers N (then one map) it also turns the top-K cells into 
 small transformer decoder. Training matches each ground-truth box to exactly one prediction per stage
 (matcher.MinCostMatcher); no NMS at inference.
 The defaults (dense head, the two levels, the spatial prior, a matcher that prefers the cell nearest each object's
-centre, lr 5e-4, no layer decay, no stochastic depth, varifocal loss) are the recipe measured best on NWPU VHR-10
-val and, for tiny objects, on the synthetic set (RESULTS.md).
+centre, lr 5e-4, varifocal loss) are the recipe measured best on NWPU VHR-10 val and, for tiny objects, on the
+synthetic set (RESULTS.md; what lost there is in its "tried and removed" table).
 OUT/results.csv gets one line per epoch (losses, lr, val mAP50 and mAP50-95, seconds) and, with matplotlib
 installed, results.png draws it;
 --time MINUTES fits the run to a wall-clock budget. The model is
-evaluated on the val split every --eval-every epochs (evaluate.run_eval); with --ema the evaluated and saved
-weights are an EMA of the trained ones. OUT/best.pt keeps the best mAP50; OUT/last.pt, written atomically every
---save-every steps and at each epoch end, holds everything --resume needs (model, EMA, optimizer, scaler, step,
+evaluated on the val split every --eval-every epochs (evaluate.run_eval). OUT/best.pt keeps the best mAP50;
+OUT/last.pt, written atomically every --save-every steps and at each epoch end, holds everything --resume needs
+(model, optimizer, scaler, step,
 position in the epoch, RNG state, best score): a resumed run repeats an uninterrupted one exactly on a CPU. Both
 hold the model, the args and the class names that evaluate.py needs.
 """
 import argparse
-import copy
 import math
 import os
 import time
@@ -38,15 +37,13 @@ from labels import CLASSES
 from evaluate import plot_results, run_eval
 from detector import Detector
 from matcher import MinCostMatcher, detector_loss
-from model import PRESETS, build_vit, ema_update, init_weights, lr_at, param_groups
+from model import PRESETS, build_vit, lr_at, param_groups
 from prepare import resolve_data
 
 
 def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--ckpt', required=True, help="pretrain.py checkpoint, or 'none' to train from scratch")
-    ap.add_argument('--encoder', default='context', choices=['context', 'target'],
-                    help='which pretrained encoder becomes the backbone (default: %(default)s)')
     ap.add_argument('--data', default=None, help="dataset folder or 'dota'/'synthetic'; default: the pretraining "
                                                  "data (or 'dota' with --ckpt none)")
     ap.add_argument('--classes', default=None, choices=list(CLASSES), help='class list; default: the pretraining '
@@ -59,9 +56,6 @@ def get_parser():
                     help='hbb: axis-aligned boxes (DOTA task 2); obb: oriented boxes (cx, cy, w, h, theta) from the '
                          'label polygons (task 1), trained with ProbIoU, evaluated by polygon IoU (default: '
                          '%(default)s)')
-    ap.add_argument('--scale', type=float, default=0.0, help='s > 0: resize each training image by a random factor '
-                    'in [1 - s, 1 + s] before the crop (YOLO\'s scale augmentation, 0.5 there); 0 = off '
-                    '(default: %(default)s)')
     ap.add_argument('--no-flips', action='store_true', help='train without the random flips and 90-degree turns '
                                                             '(random crops stay): for overfitting checks')
     ap.add_argument('--label-fraction', type=float, default=1.0, help='F < 1: train on the tiles of a fraction F of '
@@ -76,39 +70,12 @@ def get_parser():
                     'counts the time its checkpoint had spent (default: off)')
     ap.add_argument('--batch-size', type=int, default=16, help='images per step (default: %(default)s)')
     ap.add_argument('--lr', type=float, default=5e-4, help='peak AdamW learning rate (default: %(default)s)')
-    ap.add_argument('--layer-decay', type=float, default=1.0,
-                    help='layer-wise lr decay: backbone block i of L learns at lr x decay^(L - i), the patch '
-                         'embedding at decay^(L + 1); 1 = off: a 4-block encoder pretrained for minutes has little '
-                         'to protect, and with the spatial prior 0.75 cost the JEPA encoder 0.04 mAP50 on NWPU '
-                         'VHR-10 (RESULTS.md; MAE/BEiT use 0.65-0.75 for deep, long-pretrained ViTs) '
-                         '(default: %(default)s)')
     ap.add_argument('--backbone-lr', type=float, default=1.0,
-                    help='the whole backbone learns at this times the lr (on top of --layer-decay): DETR trains its '
+                    help='the whole backbone learns at this times the lr: DETR trains its '
                          'pretrained backbone at 0.1x, so that the random head\'s first gradients do not overwrite it '
                          '(default: %(default)s)')
-    ap.add_argument('--ema', type=float, default=0.0,
-                    help='decay of an EMA of the detector weights (e.g. 0.999), which are then the weights that are '
-                         'evaluated and saved; it rises as min(decay, (1 + step) / (10 + step)) so that short runs '
-                         'use it too; 0 = off: on NWPU VHR-10 it did not win at 8 epochs (RESULTS.md) '
-                         '(default: %(default)s)')
-    ap.add_argument('--reinit-blocks', type=int, default=0,
-                    help='re-initialize the last K blocks (and the final norm) of a pretrained backbone, keeping the '
-                         'patch embedding and the blocks below: on NWPU VHR-10 a short CPU pretraining transferred '
-                         'through its lower layers only (RESULTS.md) (default: %(default)s)')
-    ap.add_argument('--whiten', type=int, default=0, help='N > 0: a linear layer between the backbone and the neck, '
-                    'set to the whitening of the backbone\'s tokens on N training crops and trained with the head '
-                    '(pretrained tokens hold most of their variance in one direction: RESULTS.md) (default: off)')
-    ap.add_argument('--freeze-epochs', type=int, default=0,
-                    help='train the head alone (backbone lr 0) for the first N epochs, then everything: linear probing '
-                         'then fine-tuning (LP-FT, Kumar et al. 2022), so that a random head\'s first gradients do not '
-                         'distort the pretrained features (default: %(default)s)')
     ap.add_argument('--freeze-backbone', action='store_true', help='train the head only (a linear-probe-like check '
                                                                   'of the pretrained features)')
-    ap.add_argument('--cls-loss', choices=['focal', 'varifocal'], default='varifocal',
-                    help='classification loss: sigmoid focal, or varifocal (IoU-aware targets) (default: %(default)s)')
-    ap.add_argument('--matcher', choices=['greedy', 'hungarian'], default='greedy',
-                    help="one-to-one assignment: our min-cost rule, or scipy's Hungarian for comparison (needs "
-                         'scipy) (default: %(default)s)')
     ap.add_argument('--match-centre', type=float, default=1.0,
                     help="w > 0: the matcher's cost also counts w x the cell's distance to the object's centre (L1, "
                          'in cells), so that of two neighbouring cells predicting the same box the nearer one is '
@@ -117,8 +84,6 @@ def get_parser():
                          'RESULTS.md) (default: %(default)s)')
     ap.add_argument('--warmup-epochs', type=float, default=2, help='linear warmup length (default: %(default)s)')
     ap.add_argument('--weight-decay', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
-    ap.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth of the backbone '
-                                                                 '(default: %(default)s)')
     ap.add_argument('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
     ap.add_argument('--head-dim', type=int, default=128, help='width of the detection head (default: %(default)s)')
     ap.add_argument('--stride', type=int, default=None, help='stride of the prediction map: the patch size divided '
@@ -132,20 +97,6 @@ def get_parser():
     ap.add_argument('--dec-layers', type=int, default=0, help='decoder layers after the top-K query selection; 0 = '
                     'the dense one-to-one head alone, which learned faster on NWPU VHR-10 val (RESULTS.md) '
                     '(default: %(default)s)')
-    ap.add_argument('--o2m', type=int, default=0, help='k > 0: a second dense head, used in training only, where '
-                    'each GT trains its k cheapest cells (one-to-many), so the shared backbone and neck get k times '
-                    'the positives; inference keeps the one-to-one head, still without NMS (YOLOv10\'s dual '
-                    'assignments) (default: %(default)s)')
-    ap.add_argument('--max-filter', action='store_true', help='the class scores also read each cell\'s features '
-                    'minus their 3 x 3 maximum, so one of two neighbouring cells can stay silent (DeFCN\'s max '
-                    'filtering, for the dense one-to-one head without NMS)')
-    ap.add_argument('--peak-filter', action='store_true', help='add to the class logits a small MLP\'s reading of '
-                    'a learned cell embedding minus its 3 x 3 maximum and of the cell\'s own box-centre offset, so '
-                    'that of neighbouring cells seeing one object only the centre cell fires (detector.PeakFilter)')
-    ap.add_argument('--near-negatives', type=float, default=0.0, help='W > 0: the 8 cells around each matched '
-                    'cell are negatives for its class with W x the plain cross-entropy instead of the focal term '
-                    '(hard negatives where duplicates come from; synthetic set: fewer duplicates, no better mAP yet, '
-                    'RESULTS.md) (default: %(default)s)')
     ap.add_argument('--ring-boxes', type=float, default=1.0, help='W > 0: the other cells of each object\'s centre '
                     'region also regress its box, W x the box loss averaged over them, so that they point at the '
                     'object\'s centre outside them (for --centre-gate; matcher.detection_loss w_ring; with --fine, on '
@@ -194,42 +145,30 @@ def build(args):
             setattr(args, flag, pa[flag])
         args.data = args.data or pa['data']
         args.classes = args.classes or pa['classes']
-        state = ckpt[args.encoder]
+        state = ckpt['context']  # the encoder that saw only the visible patches
     elif args.model is None:
         raise SystemExit('--ckpt none needs --model (a preset: ' + ', '.join(PRESETS) + ')')
     args.patch_size, args.data, args.classes = args.patch_size or 16, args.data or 'dota', args.classes or 'dota1.0'
     args.stride = args.stride or args.patch_size  # the ViT's own grid: a coarse cell per token ...
-    one_map = args.dec_layers or args.o2m or args.peak_filter or args.stride < 8  # heads that allow no second map
+    one_map = args.dec_layers or args.stride < 8  # heads that allow no second map
     if args.fine is None:  # ... and a finer map for what is under two of its cells, where the head allows one
         args.fine = 0 if one_map else 2 * args.stride
-    backbone = build_vit(args.model, args.patch_size, args.drop_path)
+    backbone = build_vit(args.model, args.patch_size)
     if state is not None:
         backbone.load_state_dict(state)  # strict: every key of the encoder must match
-        if not 0 <= args.reinit_blocks <= len(backbone.blocks):
-            raise SystemExit(f'--reinit-blocks {args.reinit_blocks}: the backbone has {len(backbone.blocks)} blocks')
-        if args.reinit_blocks:  # the top blocks serve the JEPA predictor's task, not a detector's (RESULTS.md)
-            for module in [*backbone.blocks[len(backbone.blocks) - args.reinit_blocks:], backbone.norm]:
-                init_weights(module)
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
     if args.fine and one_map:
         raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2) needs the dense head alone at '
-                         '--stride 8 or coarser: not with --dec-layers, --o2m, --peak-filter or --stride 4')
+                         '--stride 8 or coarser: not with --dec-layers or --stride 4')
     return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
-                    args.num_queries, obb=args.boxes == 'obb', o2m=args.o2m,
-                    max_filter=args.max_filter, spatial_prior=args.spatial_prior, adapt=args.whiten > 0,
-                    peak=args.peak_filter, fine=args.fine)
+                    args.num_queries, obb=args.boxes == 'obb', spatial_prior=args.spatial_prior, fine=args.fine)
 
 
-def layer_decay_parts(model, decay, backbone=1.0):
-    """(module, lr scale) pairs for param_groups: the head at 1, backbone block i of L at decay^(L - i), the patch
-    embedding at decay^(L + 1) (MAE/BEiT's layer-wise decay: lower layers, more general features, change less),
-    every backbone part times `backbone` (DETR's lower backbone lr: 0.1 there)."""
-    b = model.backbone
-    L = len(b.blocks)
-    parts = [(b.patch_embed, backbone * decay ** (L + 1)), (b.norm, backbone)]
-    parts += [(blk, backbone * decay ** (L - i)) for i, blk in enumerate(b.blocks)]
-    return parts + [(m, 1.0) for name, m in model.named_children() if name != 'backbone']
+def lr_parts(model, backbone=1.0):
+    """(module, lr scale) pairs for param_groups: the backbone at `backbone` (DETR's lower backbone lr: 0.1 there),
+    the head at 1."""
+    return [(model.backbone, backbone)] + [(m, 1.0) for name, m in model.named_children() if name != 'backbone']
 
 
 def shared_centre_share(ds, stride):
@@ -245,30 +184,6 @@ def shared_centre_share(ds, stride):
         shared += int((counts[inverse.ravel()] > 1).sum())
         total += len(c)
     return shared / max(total, 1)
-
-
-@torch.no_grad()
-def whiten_init(model, ds, n, args, device):
-    """--whiten n: model.adapt := the ZCA whitening of the backbone's tokens on n training crops, W = V diag((lambda +
-    eps)^-1/2) V^T and bias -W mu (eigen-decomposition V, lambda of their covariance; eps = 1 % of the mean
-    eigenvalue, so that directions with almost no variance are not blown up). ZCA, not PCA: the least rotation,
-    each output channel stays its input channel. -> the share of the variance in the first principal component."""
-    model.eval()
-    feats, seen = [], 0
-    for images, targets in epoch_loader(ds, args.batch_size, args.patch_size, 0, args.seed, 0):
-        offset = crop_offsets(targets, args.patch_size, device)  # (B, 2)
-        feats.append(model.backbone(to_input(images, targets, device), offset=offset).flatten(0, 1).double().cpu())
-        seen += len(images)
-        if seen >= n:
-            break
-    x = torch.cat(feats)
-    lam, V = torch.linalg.eigh(torch.cov(x.T))  # ascending
-    lam = lam.clamp(min=0)
-    W = V @ torch.diag((lam + 0.01 * lam.mean()).rsqrt()) @ V.T  # (D, D)
-    model.adapt.weight.copy_(W.float())
-    model.adapt.bias.copy_(-(W @ x.mean(0)).float())
-    model.train()
-    return float(lam[-1] / lam.sum())
 
 
 def write_results(path, row):
@@ -293,7 +208,7 @@ def main(argv=None):
     class_names = CLASSES[args.classes]
     root = resolve_data(args.data)
     ds = DOTADataset(root, 'train', class_names, args.img_size, train=True, strict=args.strict,
-                     flips=not args.no_flips, boxes=args.boxes, scale=args.scale)
+                     flips=not args.no_flips, boxes=args.boxes)
     if args.label_fraction != 1:  # a value outside (0, 1] gets keep_sources' error, not silence
         kept, of = ds.keep_sources(args.label_fraction)
         if main0:
@@ -309,26 +224,16 @@ def main(argv=None):
     # K: no weights depend on it, so it can follow the data
     args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))
 
-    if args.whiten:  # before the optimizer and any resume (a resumed run loads the trained layer over this)
-        pc1 = whiten_init(model, ds, args.whiten, args, device)
-        if main0:
-            print(f'--whiten: {args.whiten} training crops; their tokens\' first principal component: {pc1:.0%}')
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)  # param_groups skips frozen parameters
-    opt = torch.optim.AdamW(param_groups(layer_decay_parts(model, args.layer_decay, args.backbone_lr),
-                                         args.weight_decay), lr=args.lr)
-    in_backbone = {id(p) for p in model.backbone.parameters()}  # for --freeze-epochs (groups never mix the two)
+    opt = torch.optim.AdamW(param_groups(lr_parts(model, args.backbone_lr), args.weight_decay), lr=args.lr)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-    matcher = MinCostMatcher(method=args.matcher, w_ctr=args.match_centre)
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None  # what is evaluated and saved
-    final = ema or model
+    matcher = MinCostMatcher(w_ctr=args.match_centre)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     best, step, start_epoch, start_batch, spent = -1.0, 0, 0, 0, 0.0
     last, args.resume, ck = runtime.resume_point(args.out, args.resume)
     if ck is not None:
-        model.load_state_dict(ck.get('train_model', ck['model']))
-        if ema is not None:
-            ema.load_state_dict(ck['model'])
+        model.load_state_dict(ck['model'])
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler'])
         step, start_epoch, start_batch, best = ck['step'], ck['epoch'], ck['batch'], ck['best']
@@ -337,7 +242,7 @@ def main(argv=None):
     fwd = DDP(model, device_ids=[device] if cuda else None) if ddp else model
     fwd = torch.compile(fwd) if args.compile else fwd
     say = print if main0 else (lambda *a, **k: None)
-    say(f'detector ({args.boxes}): {args.model} ViT/{args.patch_size} backbone ({args.ckpt}, {args.encoder} encoder), '
+    say(f'detector ({args.boxes}): {args.model} ViT/{args.patch_size} backbone ({args.ckpt}), '
         f'stride {model.stride}{f" (+ {model.stride // 2} for objects under {args.fine:g} px)" if args.fine else ""}, '
         f'{args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
         f'a training image: {most}), {len(ds)} train / {len(val_loader.dataset)} val images, {world} process(es)')
@@ -347,9 +252,8 @@ def main(argv=None):
         say(f'resumed from {args.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}')
 
     def checkpoint(epoch, batch):
-        """OUT/last.pt: everything a resume needs; 'model' holds the evaluated weights (the EMA when on)."""
-        extra = {'train_model': model.state_dict()} if ema is not None else {}
-        runtime.save(last, {'model': final.state_dict(), **extra, 'optimizer': opt.state_dict(),
+        """OUT/last.pt: everything a resume needs."""
+        runtime.save(last, {'model': model.state_dict(), 'optimizer': opt.state_dict(),
                             'scaler': scaler.state_dict(), 'step': step, 'epoch': epoch, 'batch': batch, 'best': best,
                             'seconds': time.time() - t_start, 'rng': runtime.rng_state(), 'args': vars(args),
                             'class_names': class_names})
@@ -366,18 +270,15 @@ def main(argv=None):
         diag, sums, batch = {'iou': [], 'above_0.3_per_gt': []}, {}, first
         for images, targets in bar:
             lr = lr_at(step, total, warmup, args.lr)
-            hold = epoch < args.freeze_epochs  # LP-FT: the backbone does not move yet (its gradients still flow,
-            for g in opt.param_groups:  # so that DDP sees every parameter used and Adam's moments warm up)
-                g['lr'] = lr * g['lr_scale'] * (0.0 if hold and g['params'] and id(g['params'][0]) in in_backbone
-                                                else 1.0)
+            for g in opt.param_groups:
+                g['lr'] = lr * g['lr_scale']
             n_gt = torch.tensor(float(sum(len(t['boxes']) for t in targets)), device=device)
             if ddp:  # DDP averages gradients over ranks: divide by the mean GT count, so the sum is over all GT
                 dist.all_reduce(n_gt)
                 n_gt /= world
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = fwd(to_input(images, targets, device), crop_offsets(targets, args.patch_size, device))
-                loss, parts = detector_loss(out, targets, matcher, cls_loss=args.cls_loss, num_gt=n_gt,
-                                            w_near=args.near_negatives, w_ring=args.ring_boxes, gate=gate)
+                loss, parts = detector_loss(out, targets, matcher, num_gt=n_gt, w_ring=args.ring_boxes, gate=gate)
             loss_value = loss.item()  # one host sync per step: check and progress bar
             if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
                 raise FloatingPointError(f'loss is {loss_value} at step {step}; {last} holds the last good state. '
@@ -390,8 +291,6 @@ def main(argv=None):
             scaler.step(opt)
             scaler.update()
             step, batch = step + 1, batch + 1
-            if ema is not None:
-                ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
             for k in diag:
                 diag[k].append(parts.pop(k))
             for k, v in {'loss': loss_value, **parts}.items():  # epoch means for results.csv
@@ -416,7 +315,7 @@ def main(argv=None):
         row = {'epoch': epoch, 'seconds': round(time.time() - t_start, 1), 'lr': lr, **sums, 'mAP50': '',
                'mAP50-95': ''}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            res, table = run_eval(final, val_loader, class_names, device, args.conf, args.max_det, args.out,
+            res, table = run_eval(model, val_loader, class_names, device, args.conf, args.max_det, args.out,
                                   centre_gate=gate)
             has = res['n_gt'] > 0
             map50 = float(res['ap'][has, 0].mean()) if has.any() else 0.0
@@ -424,7 +323,7 @@ def main(argv=None):
             print(f'epoch {epoch} ({time.time() - t_start:.0f} s)\n{table}')
             if map50 > best:
                 best = map50
-                runtime.save(os.path.join(args.out, 'best.pt'), {'model': final.state_dict(), 'args': vars(args),
+                runtime.save(os.path.join(args.out, 'best.pt'), {'model': model.state_dict(), 'args': vars(args),
                                                                  'class_names': class_names, 'epoch': epoch,
                                                                  'map50': map50})
         write_results(csv_path, row)

@@ -6,44 +6,35 @@ Every strategy returns index tensors with the same counts for every image of a b
 padding): context (B, Nc) and targets (B, M), disjoint, each sorted ascending, plus `target_is_object` (B, M).
 
 - random: MAE. M = round(mask_ratio * N) uniformly random patches are hidden; the rest is the context.
-- object: patches that overlap a ground-truth box (grown by `dilate` pixels) are hidden first. The boxes are the
-  ground truth of a labelled image or, for an image without labels, a detector's boxes (evaluate.py --write-labels,
-  pretrain.py --unlabelled-boxes); which of the two does not matter here. The box is the object's axis-aligned extent also when the detector is trained on oriented boxes (--boxes obb): for choosing
+- object: patches that overlap a box are hidden first: the ground truth of a labelled image or, for an image
+  without labels, a detector's boxes (evaluate.py --write-labels, pretrain.py --unlabelled-boxes). The box is the
+  object's axis-aligned extent also when the detector is trained on oriented boxes (--boxes obb): for choosing
   which patches to hide, the few extra background patches around a turned object cost nothing. Each object patch is
   left visible with probability `object_keep`, because if objects were always hidden the context encoder would
   never see one (only the EMA target would). The hidden set is filled up to M with random background patches, or
   the object patches are subsampled when they alone exceed M; kept object patches are hidden last, only when an
   image has too few other patches. An image without boxes is masked at random.
-- mixed: per image, object with probability `p_object`, else random (same counts, so they mix in one batch).
 - saliency: no boxes at all (AttMask's idea, with the EMA target's tokens instead of its attention): the patches
   whose target features lie farthest from their image's mean feature (`saliency_patches`, the `share` most distant
   of each image) play the part of object patches: hidden first, each left visible with probability `object_keep`.
   The target encoder embeds the whole image anyway, so the choice costs one reduction over the features.
-- block: I-JEPA's multi-block: 4 target blocks (scale 0.15-0.2 of the grid, aspect 0.75-1.5) and one context block
-  (scale 0.85-1.0, square) minus the targets. Two known flaws of the original sampler are avoided: block corners
-  are drawn from the full range (every row and column can be a target), and the context block wraps around the
-  grid edges (every patch is equally likely to be in it, so the context is not biased toward the centre). Counts
-  differ per image, so each set is cut to the smallest size in the batch at random (as I-JEPA does); mask_ratio
-  is not used.
 All work by sorting a per-patch priority plus uniform noise (MAE's argsort trick): no Python loop over patches.
 """
 import argparse
-import math
 
 import torch
 
-MODES = ('object', 'random', 'saliency', 'mixed', 'block')
+MODES = ('object', 'random', 'saliency')
 
 
-def object_patches(boxes, grid_h, grid_w, patch_size, dilate=0.0):
+def object_patches(boxes, grid_h, grid_w, patch_size):
     """Which patches overlap at least one box (open overlap: touching an edge does not count).
 
-    boxes: list of B tensors (n_b, 4) x1 y1 x2 y2 in pixels, grown by `dilate` px on every side
-    -> (B, grid_h * grid_w) bool, row-major patch order."""
+    boxes: list of B tensors (n_b, 4) x1 y1 x2 y2 in pixels -> (B, grid_h * grid_w) bool, row-major patch order."""
     B, n = len(boxes), max([len(b) for b in boxes] + [1])
     padded = torch.zeros(B, n, 4)  # zero-size boxes at the origin overlap nothing
     for i, b in enumerate(boxes):
-        padded[i, :len(b)] = b.float().cpu() + torch.tensor([-dilate, -dilate, dilate, dilate])
+        padded[i, :len(b)] = b.float().cpu()
     left = torch.arange(grid_w) * patch_size  # (gw,)
     top = torch.arange(grid_h) * patch_size  # (gh,)
     x1, y1, x2, y2 = padded.unbind(-1)  # (B, n) each
@@ -107,46 +98,14 @@ def object_masking(is_object, mask_ratio, object_keep=0.25, generator=None, rows
     return _split_by_priority(_object_priority(is_object, object_keep, generator, rows), mask_ratio)
 
 
-def _block(B, grid_h, grid_w, scale, aspect, generator, wrap=False, rows=None):
-    """One random block per image -> (B, grid_h * grid_w) bool. Size from a scale of the grid and an aspect ratio;
-    the corner is uniform over every position where the block fits (or anywhere, wrapping, if wrap)."""
-    s = scale[0] + (scale[1] - scale[0]) * _rand((B,), generator, rows)
-    r = torch.exp(math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * _rand((B,), generator, rows))
-    h = (s * grid_h * grid_w * r).sqrt().round().clamp(1, grid_h).long()  # (B,)
-    w = (s * grid_h * grid_w / r).sqrt().round().clamp(1, grid_w).long()
-    span_h, span_w = (grid_h, grid_w) if wrap else (grid_h - h + 1, grid_w - w + 1)
-    top = (_rand((B,), generator, rows) * span_h).long()  # inclusive of the last position
-    left = (_rand((B,), generator, rows) * span_w).long()
-    rows = (torch.arange(grid_h)[None] - top[:, None]) % (grid_h if wrap else 10 ** 9)  # (B, gh) offset in block
-    cols = (torch.arange(grid_w)[None] - left[:, None]) % (grid_w if wrap else 10 ** 9)
-    inside = ((rows >= 0) & (rows < h[:, None]))[:, :, None] & ((cols >= 0) & (cols < w[:, None]))[:, None, :]
-    return inside.flatten(1)
-
-
-def block_masking(B, grid_h, grid_w, generator=None, n_targets=4, target_scale=(0.15, 0.2),
-                  target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), rows=None):
-    """I-JEPA multi-block -> context (B, Nc), targets (B, M) with Nc, M the smallest counts in the (local) batch."""
-    target = torch.zeros(B, grid_h * grid_w, dtype=torch.bool)
-    for _ in range(n_targets):
-        target |= _block(B, grid_h, grid_w, target_scale, target_aspect, generator, rows=rows)
-    context = _block(B, grid_h, grid_w, context_scale, (1.0, 1.0), generator, wrap=True, rows=rows) & ~target
-    M, Nc = int(target.sum(1).min()), int(context.sum(1).min())
-    if M == 0 or Nc == 0:
-        raise ValueError(f'a {grid_h}x{grid_w} grid is too small for block masking')
-    u = _rand((B, grid_h * grid_w), generator, rows)
-    tgt = (target.float() + u).argsort(1, descending=True)[:, :M]  # M random patches of each image's targets
-    ctx = (context.float() + u).argsort(1, descending=True)[:, :Nc]
-    return ctx.sort(1).values, tgt.sort(1).values
-
-
 def make_masks(mode, boxes, grid_h, grid_w, patch_size, mask_ratio=0.75, object_keep=0.25, generator=None,
-               dilate=0.0, p_object=0.5, rows=None, salient=None):
+               rows=None, salient=None):
     """One call for pretrain.py -> context idx (B, Nc), target idx (B, M), target_is_object (B, M) bool, CPU.
     rows = (lo, hi, total): these images are rows lo:hi of a global batch of `total` (multi-GPU, see _rand).
     salient: (B, N) bool from saliency_patches, for mode 'saliency'. target_is_object says whether a hidden patch
     overlaps one of `boxes` (for 'saliency' too: with ground truth at hand, how often the saliency finds objects)."""
     B, N = len(boxes), grid_h * grid_w
-    is_object = object_patches(boxes, grid_h, grid_w, patch_size, dilate)  # (B, N)
+    is_object = object_patches(boxes, grid_h, grid_w, patch_size)  # (B, N)
     if mode == 'saliency':
         if salient is None:
             raise ValueError("mask mode 'saliency' needs salient (B, N) from saliency_patches")
@@ -155,13 +114,6 @@ def make_masks(mode, boxes, grid_h, grid_w, patch_size, mask_ratio=0.75, object_
         ctx, tgt = random_masking(B, N, mask_ratio, generator, rows)
     elif mode == 'object':
         ctx, tgt = object_masking(is_object, mask_ratio, object_keep, generator, rows)
-    elif mode == 'mixed':
-        use_object = _rand((B, 1), generator, rows) < p_object
-        priority = torch.where(use_object, _object_priority(is_object, object_keep, generator, rows),
-                               _rand((B, N), generator, rows))
-        ctx, tgt = _split_by_priority(priority, mask_ratio)
-    elif mode == 'block':
-        ctx, tgt = block_masking(B, grid_h, grid_w, generator, rows=rows)
     else:
         raise ValueError(f'unknown mask mode {mode!r}; expected one of {", ".join(MODES)}')
     return ctx, tgt, is_object.gather(1, tgt)
@@ -185,7 +137,7 @@ def show(args):
     for mode in args.mask:
         g = torch.Generator().manual_seed(args.seed)
         ctx, tgt, _ = make_masks(mode, [t['boxes'] for t in targets], gh, gw, p, args.mask_ratio, args.object_keep,
-                                 g, args.mask_dilate)
+                                 g)
         row = []
         for b in range(B):
             state = torch.zeros(gh * gw)  # 0 neither, 1 context, 2 target
@@ -224,8 +176,6 @@ if __name__ == '__main__':
     sp.add_argument('--mask-ratio', type=float, default=0.75, help='hidden share (default: %(default)s)')
     sp.add_argument('--object-keep', type=float, default=0.25, help='object patches left visible '
                                                                     '(default: %(default)s)')
-    sp.add_argument('--mask-dilate', type=float, default=0.0, help='grow boxes by this many pixels '
-                                                                   '(default: %(default)s)')
     sp.add_argument('--scale', type=int, default=2, help='enlargement of the pictures (default: %(default)s)')
     sp.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     show(ap.parse_args())

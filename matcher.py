@@ -1,5 +1,5 @@
 """How the detector is trained: box overlaps (GIoU; ProbIoU for oriented boxes), the one-to-one matcher between
-predicted cells and ground-truth objects, the one-to-many assignment of the training-only o2m head, and the losses.
+predicted cells and ground-truth objects, and the losses.
 
 The matcher is a DETR-style set matching restricted by a centre prior (a cell may only claim objects near it); the
 model itself (detector.py) neither knows nor imports any of this.
@@ -113,24 +113,13 @@ class MinCostMatcher:
     assignment); without it the two levels' cells near one object would be chosen between by their scores.
     """
 
-    def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, method='greedy', w_ctr=0.0):
-        """method: 'greedy' (the rule above) or 'hungarian' (scipy's linear_sum_assignment on the same cost, for
-        comparison; scipy is not a run-time requirement)."""
-        self.w_cls, self.w_l1, self.w_giou, self.radius, self.method = w_cls, w_l1, w_giou, radius, method
-        self.w_ctr = w_ctr
-        if method == 'hungarian':
-            from scipy.optimize import linear_sum_assignment  # noqa: F401  fail now, not mid-training
+    def __init__(self, w_cls=2.0, w_l1=1.0, w_giou=2.0, radius=1.5, w_ctr=1.0):
+        self.w_cls, self.w_l1, self.w_giou, self.radius, self.w_ctr = w_cls, w_l1, w_giou, radius, w_ctr
 
     @torch.no_grad()
-    def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride, k=1, claim=None):
+    def __call__(self, logits, boxes, centres, gt_boxes, gt_labels, stride, claim=None):
         """logits (M, C), boxes (M, 4), centres (M, 2) cell centres, gt_boxes (G, 4), gt_labels (G,), stride a
-        number or (M,), claim None or (M, 2) -> (pred idx (G,), gt idx (G,)), both long. k > 1: one-to-many
-        (assign_top_k), (N,) each, N <= k G."""
-        if self.method == 'hungarian':
-            from scipy.optimize import linear_sum_assignment
-            cost = self.cost(logits, boxes, centres, gt_boxes, gt_labels, stride, claim)
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            return torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
+        number or (M,), claim None or (M, 2) -> (pred idx (G,), gt idx (G,)), both long."""
         # Only a cell inside some GT's centre region (and of its level) can be matched below the 1e4 penalty, so the
         # cost is built for those cells alone (a few thousand of the 20,480 of a two-level 512^2 map). When every GT
         # gets such a cell the rounds run exactly as on the full matrix (every proposal is an in-region cell); else
@@ -139,9 +128,6 @@ class MinCostMatcher:
         idx = self.allowed(centres, gt_boxes, s[:, None], claim)[0].any(1).nonzero().squeeze(1)  # (M',)
         take = (lambda t: t if t is None or len(t) == 1 else t[idx])  # noqa: E731
         cost = self.cost(logits[idx], boxes[idx], centres[idx], gt_boxes, gt_labels, take(s), take(claim))
-        if k > 1:  # only pairs inside the region count there: exact
-            rows, cols = assign_top_k(cost, k)
-            return idx[rows], cols
         rows, cols = assign_min_cost(cost)
         if len(cols) == len(gt_boxes) and (cost[rows, cols] < 1e4 / 2).all():
             return idx[rows], cols
@@ -198,42 +184,21 @@ def assign_min_cost(cost):
     return match[gt], gt
 
 
-def assign_top_k(cost, k):
-    """cost (M, G) -> (rows (N,), cols (N,)): each GT takes its k cheapest predictions inside its centre region
-    (cost < 1e4); a prediction several GT take goes to the cheapest of them (ties: the lower GT index). The
-    one-to-many assignment of the training-only head (YOLOv10's dual assignments, TOOD's top-k)."""
-    M, G = cost.shape
-    vals, rows = cost.topk(min(k, M), dim=0, largest=False)  # (k, G) each GT's k cheapest
-    cols = torch.arange(G, device=cost.device).expand_as(rows)
-    ok = vals < 1e4
-    vals, rows, cols = vals[ok], rows[ok], cols[ok]  # (N,) candidate pairs, ordered by rank then GT
-    order = torch.argsort(vals, stable=True)  # cheapest first; equal costs keep the lower GT index first
-    rows, cols = rows[order], cols[order]
-    first = torch.full((M,), len(rows), device=cost.device).scatter_reduce(
-        0, rows, torch.arange(len(rows), device=cost.device), 'amin')  # (M,) each prediction's cheapest pair
-    win = first[rows] == torch.arange(len(rows), device=cost.device)
-    return rows[win], cols[win]
-
-
-def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha=0.25, gamma=2.0, cls_loss='focal',
-                   matches=None, num_gt=None, w_near=0.0, w_ring=0.0, gate=None):
+def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, gamma=2.0, matches=None, num_gt=None,
+                   w_ring=0.0, gate=None):
     """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
     list of B target dicts (boxes, labels on any device). Oriented boxes (..., 5) use ProbIoU where the text below
     says GIoU or IoU, and l1_form's coordinates for L1.
 
-    Each GT is matched to one prediction (to up to k for an output with 'topk' k; or `matches` are reused: a list
-    of B (pred idx, gt idx) pairs); the matched prediction is a positive for its class, all other (prediction,
-    class) pairs are negatives. Sigmoid focal loss over all of them (or, cls_loss='varifocal', VarifocalNet's
-    IoU-aware loss: a positive's target is the IoU of its box with its GT, weighted by that IoU; negatives as focal
-    with alpha 0.75), plus L1 (in stride units, so a 10 px box still gets gradient) and 1 - GIoU on the matched
-    pairs; each term is divided by the number of GT in the batch (or by num_gt: under DDP, the mean over ranks;
-    one-to-many: by the number of matched pairs). -> (total loss, dict of detached numbers for logging: the terms,
+    Each GT is matched to one prediction (or `matches` are reused: a list of B (pred idx, gt idx) pairs); the
+    matched prediction is a positive for its class, all other (prediction, class) pairs are negatives.
+    VarifocalNet's IoU-aware loss over all of them (a positive's target is the IoU of its box with its GT, weighted
+    by that IoU; negatives as the focal loss with alpha 0.75), plus L1 (in stride units, so a 10 px box still gets
+    gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in the batch (or by
+    num_gt: under DDP, the mean over ranks). -> (total loss, dict of detached numbers for logging: the terms,
     the mean IoU of the matched pairs, and the number of (prediction, class) scores above 0.3 per GT: about 1 when
     the one-to-one matching has taught the head not to duplicate), matches).
-    w_near > 0 (one-to-one only): the 8 cells around each matched cell, for the matched class, are negatives with
-    w_near x the plain cross-entropy -log(1 - p) instead of the focal term (which leaves a neighbour at p = 0.5
-    with 0.75 x 0.25 of it): the cells that would be duplicates are pushed down as hard negatives.
-    w_ring > 0 (one-to-one only): every other cell of a matched object's centre region (matcher.allowed, on the
+    w_ring > 0: every other cell of a matched object's centre region (matcher.allowed, on the
     matched cell's level; of a two-level map, the coarser level's objects only) also regresses that object's box
     (the nearest object's, where regions overlap), w_ring x the box loss averaged per object, so that these cells
     point at the centre outside them. gate = m: a cell whose box centre lies more than 0.5 + m cells from its own
@@ -242,7 +207,6 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
     # (K,) each prediction's stride (a two-level map has two), so that L1 is in the units of its own cells
     stride = torch.as_tensor(out['stride'], dtype=torch.float32, device=boxes.device).expand(logits.shape[1])
     is_pos = torch.zeros_like(logits, dtype=torch.bool)  # (B, K, C)
-    near = torch.zeros_like(is_pos) if w_near else None  # (B, K, C) the matched class next to a matched cell
     quality = torch.zeros_like(logits, dtype=torch.float32)  # (B, K, C) IoU of each positive, for varifocal
     src, tgt, per, found, ring_src, ring_tgt, ring_per, ring_w = [], [], [], [], [], [], [], []
     for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes
@@ -251,17 +215,12 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
             pi, gi = matches[b]
         elif len(gt_boxes):
             pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres[b], gt_boxes, gt_labels, stride,
-                             out.get('topk', 1), out.get('claim'))
+                             out.get('claim'))
         else:
             pi = gi = torch.zeros(0, dtype=torch.long, device=boxes.device)
         found.append((pi, gi))
         is_pos[b, pi, gt_labels[gi]] = True
-        if w_near and out.get('topk', 1) == 1:
-            s = stride[pi][:, None]  # (P, 1): the ring is on the matched cell's own level
-            ring = ((centres[b][None] - centres[b][pi][:, None]).abs().amax(-1) < 1.5 * s) & (stride == s)  # (P, K)
-            p_idx, k_idx = ring.nonzero(as_tuple=True)
-            near[b, k_idx, gt_labels[gi][p_idx]] = True
-        if w_ring and out.get('topk', 1) == 1 and len(pi):
+        if w_ring and len(pi):
             # each matched object's region: the cells the matcher may give it (its centre region), on its cell's level;
             # on a two-level map the coarse level's objects only: the finer level's lost to it (synthetic, RESULTS.md)
             ok, dx, dy = matcher.allowed(centres[b], gt_boxes[gi], stride[:, None])  # (K, P) each
@@ -279,16 +238,9 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
         tgt.append(gt_boxes[gi])
         per.append(stride[pi])
     n = max(sum(len(t['boxes']) for t in targets), 1) if num_gt is None else num_gt.clamp(min=1)  # a tensor
-    if out.get('topk', 1) > 1:  # one-to-many: the mean over positives (FCOS, TOOD), not k times a one-to-one loss
-        n = max(sum(len(pi) for pi, _ in found), 1)
-    if cls_loss == 'varifocal':
-        x = logits.float()
-        pos = quality * F.binary_cross_entropy_with_logits(x, quality, reduction='none')
-        neg = 0.75 * x.sigmoid() ** gamma * F.softplus(x)  # -log(1 - p) = softplus(x)
-    else:
-        pos, neg = focal_terms(logits.float(), alpha, gamma)  # (B, K, C) each
-    if w_near:
-        neg = torch.where(near, w_near * F.softplus(logits.float()), neg)
+    x = logits.float()
+    pos = quality * F.binary_cross_entropy_with_logits(x, quality, reduction='none')  # (B, K, C)
+    neg = 0.75 * x.sigmoid() ** gamma * F.softplus(x)  # -log(1 - p) = softplus(x)
     if gate is not None:  # cells that postprocess drops are not taught to be silent
         neg = neg * ~outside_cell(out, gate)[..., None]
     loss_cls = torch.where(is_pos, pos, neg).sum() / n
@@ -312,17 +264,13 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, alpha
 def detector_loss(out, targets, matcher, **kw):
     """The loss of every stage of a Detector output: the last decoder layer (matched once), the earlier layers
     (auxiliary losses, reusing those matches: the queries are the same K cells in every layer) and the dense
-    encoder stage (matched on its own, over all cells; it teaches the query selection which cells hold objects) and
-    the one-to-many head when there is one (each GT matched to its top-k cells).
+    encoder stage (matched on its own, over all cells; it teaches the query selection which cells hold objects).
     -> (total, dict of floats for logging: the last layer's terms and diagnostics, and the encoder stage's loss)."""
     total, parts, matches = detection_loss(out, targets, matcher, **kw)
     for aux in out.get('aux', []):
         total = total + detection_loss(aux, targets, matcher, matches=matches, **kw)[0]
-    if 'dense' in out:  # w_near is for the output: the stage that selects the queries keeps its neighbours' recall
-        dense = detection_loss(out['dense'], targets, matcher, **{**kw, 'w_near': 0.0})[0]
+    if 'dense' in out:
+        dense = detection_loss(out['dense'], targets, matcher, **kw)[0]
         total, parts['enc'] = total + dense, dense.detach()
-    if 'o2m' in out:  # the training-only one-to-many head, each GT matched to its top-k cells
-        many = detection_loss(out['o2m'], targets, matcher, **kw)[0]
-        total, parts['o2m'] = total + many, many.detach()
     values = torch.stack(list(parts.values())).tolist()  # one host sync for all the numbers
     return total, dict(zip(parts, values))

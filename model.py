@@ -38,14 +38,6 @@ def sincos_pos_embed(dim, grid_h, grid_w, device=None, offset=None):
     return torch.cat(out, -1).float()
 
 
-def drop_path(x, p, training):
-    """Stochastic depth: drop the residual branch for a random subset of samples. x (B, ...)."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
-    return x * keep / (1 - p)
-
-
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -72,15 +64,14 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.attn, self.mlp = Attention(dim, heads), Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = drop_path
 
     def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchEmbed(nn.Module):
@@ -107,12 +98,11 @@ def init_weights(module):
 
 
 class ViT(nn.Module):
-    def __init__(self, patch_size=16, dim=192, depth=12, heads=3, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, patch_size=16, dim=192, depth=12, heads=3, mlp_ratio=4.0):
         super().__init__()
         self.patch_size, self.dim = patch_size, dim
         self.patch_embed = PatchEmbed(patch_size, dim)
-        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linearly rising stochastic depth
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, p) for p in dpr)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         init_weights(self)
 
@@ -144,11 +134,11 @@ class ViT(nn.Module):
         return outs
 
 
-def build_vit(name, patch_size, drop_path=0.0):
+def build_vit(name, patch_size):
     if name not in PRESETS:
         raise ValueError(f'unknown model {name!r}; presets: {", ".join(PRESETS)}')
     p = PRESETS[name]
-    return ViT(patch_size, p['dim'], p['depth'], p['heads'], drop_path=drop_path)
+    return ViT(patch_size, p['dim'], p['depth'], p['heads'])
 
 
 class Predictor(nn.Module):

@@ -8,10 +8,9 @@ One step: the EMA *target* encoder embeds the whole image (no grad) and its feat
 *context* encoder embeds only the visible patches (hidden tokens are dropped, not zeroed); the *predictor* gets the
 context tokens plus a mask token at every hidden position and predicts the target features there (--target
 latent), or the hidden patches' normalized pixels through a linear head (--target pixels: MAE's loss, no EMA
-needed); the loss is --loss (mse) over the hidden patches (--predict hidden) or the hidden object patches only
-(--predict objects). Both encoders and the predictor place a crop's patches where it was cut from its tile
-(data.py's 'origin'): the sin-cos positions are absolute, and 256² crops placed at 0 would never show the encoder
-the positions 16-31 that a whole 512² tile gives the detector (RESULTS.md). --target-layers 2 --target-norm instance
+needed); the loss is the mean squared error over the hidden patches. Both encoders and the predictor place a
+crop's patches where it was cut from its tile (data.py's 'origin'): the sin-cos positions are absolute, and 256²
+crops placed at 0 would never show the encoder the positions 16-31 that a whole 512² tile gives the detector. --target-layers 2 --target-norm instance
 makes the targets data2vec's: the mean of the last blocks' layer-normed outputs, each channel then standardized over
 the image (the per-image mean leaves the targets; on NWPU VHR-10 this gave the encoder a clearly better linear
 probe, RESULTS.md). Only the context encoder and predictor get gradients; the target encoder follows the context
@@ -22,15 +21,15 @@ train split. Object masking needs boxes there: --unlabelled-boxes reads a detect
 e.g. the detector fine-tuned on the labelled images, so no label is used twice); without them those images are
 masked at random. --mask saliency needs no boxes anywhere: the EMA target's own tokens choose (masking.py).
 
-Schedules (per optimizer step): lr linear warmup then cosine; weight decay cosine from --weight-decay (0.04) to
---weight-decay-end (0.4), on weight matrices only (not biases, norms, tokens); gradient-norm clipping.
+Schedules (per optimizer step): lr linear warmup then cosine; weight decay cosine from 0.04 to 0.4, on weight
+matrices only (not biases, norms, tokens); gradient-norm clipping (the constants below the imports).
 Safety: OUT/last.pt is written atomically every --save-every steps and at each epoch end; --resume restores the
 models, optimizer, scaler, schedules, RNG states and the position in the epoch (exact, whatever --workers: each
 image's augmentation is seeded by (seed, epoch, index)). A non-finite loss stops the run with
 the step number before anything is written over the last good checkpoint. OUT/log.jsonl gets one line per
 --log-every steps: loss, lr, weight decay, momentum, and the std across tokens of the target features and of the
 predictions (they fall toward 0 when the representation collapses; a warning is printed when the targets' std
-is below --collapse-std), and with --probe-every N the linear probe of probe.py (what the frozen context encoder's
+is below COLLAPSE_STD), and with --probe-every N the linear probe of probe.py (what the frozen context encoder's
 patch tokens know about the objects of the val split). --time MINUTES fits the run to a wall-clock budget.
 """
 import argparse
@@ -57,6 +56,14 @@ from probe import Probe, describe
 from model import PRESETS, build_predictor, build_vit, ema_momentum, ema_update, lr_at, param_groups
 
 
+# The fixed parts of the recipe (I-JEPA's; flags only where a choice was measured here: RESULTS.md)
+WEIGHT_DECAY = (0.04, 0.4)  # AdamW weight decay, cosine from the first to the second, on weight matrices only
+MIN_LR = 1e-6  # the lr at the end of the cosine
+CLIP_GRAD = 1.0  # gradient-norm clip
+EMA = (0.996, 1.0)  # the target encoder's EMA momentum, rising linearly
+COLLAPSE_STD = 0.05  # warn when the target features' std across tokens falls below this
+
+
 def get_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -65,8 +72,6 @@ def get_parser():
     a('--classes', default='dota1.0', choices=list(CLASSES), help='class list (default: %(default)s)')
     a('--model', default='small', choices=list(PRESETS), help='ViT preset (default: %(default)s)')
     a('--patch-size', type=int, default=16, help='ViT patch size in pixels (default: %(default)s)')
-    a('--pred-dim', type=int, default=None, help="the predictor's width (default: the preset's; mini: 64)")
-    a('--pred-depth', type=int, default=None, help="the predictor's blocks (default: the preset's; mini: 2)")
     a('--img-size', type=int, default=512, help='training crop side; objects keep their scale (default: %(default)s)')
     a('--unlabelled', nargs='+', default=[], metavar='DIR',
       help='folders of images without labels, pretrained on beside the train split: a `prepare.py split` of images '
@@ -85,26 +90,15 @@ def get_parser():
     a('--batch-size', type=int, default=64, help='images per micro-batch (default: %(default)s)')
     a('--accum', type=int, default=1, help='micro-batches per optimizer step (default: %(default)s)')
     a('--lr', type=float, default=5e-4, help='peak learning rate of AdamW (default: %(default)s)')
-    a('--min-lr', type=float, default=1e-6, help='learning rate at the end of the cosine (default: %(default)s)')
     a('--warmup-epochs', type=float, default=5, help='linear warmup length (default: %(default)s)')
-    a('--weight-decay', type=float, default=0.04, help='AdamW weight decay at the start (default: %(default)s)')
-    a('--weight-decay-end', type=float, default=0.4, help='weight decay at the end, cosine (default: %(default)s)')
-    a('--clip-grad', type=float, default=1.0, help='gradient-norm clip, 0 = off (default: %(default)s)')
     a('--mask', default='object', choices=MODES, help='masking strategy, see masking.py (default: %(default)s)')
     a('--saliency-share', type=float, default=0.17,
       help="saliency: the share of each image's patches whose EMA-target features lie farthest from the image's "
            'mean, taken as its object patches: as many as boxes cover (NWPU 256² crops: 16.7 %% of the patches '
            'overlap a box) (default: %(default)s)')
-    a('--mask-ratio', type=float, default=0.75, help='share of patches hidden; not used by block (default: '
-                                                     '%(default)s)')
-    a('--object-keep', type=float, default=0.25, help='object/mixed: probability that an object patch stays '
-                                                      'visible (default: %(default)s)')
-    a('--mask-dilate', type=float, default=0.0, help='object/mixed: grow boxes by this many pixels before choosing '
-                                                     'patches (default: %(default)s)')
-    a('--p-object', type=float, default=0.5, help='mixed: share of images masked object-aware, the rest at random '
-                                                  '(default: %(default)s)')
-    a('--predict', default='hidden', choices=['hidden', 'objects'],
-      help='loss on every hidden patch or on the hidden object patches only (default: %(default)s)')
+    a('--mask-ratio', type=float, default=0.75, help='share of patches hidden (default: %(default)s)')
+    a('--object-keep', type=float, default=0.25, help='object/saliency: probability that an object (salient) patch '
+                                                      'stays visible (default: %(default)s)')
     a('--target', default='latent', choices=['latent', 'pixels'],
       help='JEPA features of the EMA target, or MAE per-patch normalized pixels (default: %(default)s)')
     a('--target-layers', type=int, default=1, help='latent targets: average the layer-normed outputs of the target '
@@ -112,10 +106,6 @@ def get_parser():
     a('--target-norm', default='layer', choices=['layer', 'instance'],
       help="latent targets: per token (I-JEPA), or then also each channel over the image's tokens (data2vec) "
            '(default: %(default)s)')
-    a('--loss', default='mse', choices=['mse', 'smooth_l1'], help='regression loss (default: %(default)s)')
-    a('--ema', type=float, nargs=2, default=[0.996, 1.0], metavar=('START', 'END'),
-      help='EMA momentum of the target encoder, rising linearly; 1 1 keeps the target at its random init '
-           '(an ablation, RESULTS.md) (default: %(default)s)')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: %(default)s)')
     a('--amp', default='bf16', choices=['bf16', 'fp16', 'off'], help='autocast on CUDA (fp16 adds loss scaling); '
                                                                      'the CPU runs float32 (default: %(default)s)')
@@ -132,8 +122,6 @@ def get_parser():
                                                  'on the frozen context encoder (train split) and log its val scores: '
                                                  'when does it start to carry object information; 0 = off (default: '
                                                  '%(default)s)')
-    a('--collapse-std', type=float, default=0.05, help='warn when the std of the target features across tokens '
-                                                       'falls below this (default: %(default)s)')
     return ap
 
 
@@ -171,9 +159,9 @@ def latent_targets(target, x, layers=1, norm='layer', offset=None):
     return h
 
 
-def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='latent', loss='mse', patch_size=16,
-              target_layers=1, target_norm='layer', offset=None, full=None):
-    """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt); weight (B, Nt) or None (all hidden patches count);
+def jepa_loss(student, target, x, ctx_idx, tgt_idx, target_kind='latent', patch_size=16, target_layers=1,
+              target_norm='layer', offset=None, full=None):
+    """x (B, 3, H, W); ctx_idx (B, Nc), tgt_idx (B, Nt) the visible and the hidden patches;
     offset (B, 2) or None: where each crop starts in its tile, in patches (both encoders' positions); full (B, N, D):
     the targets of every patch when the caller already has them (saliency masking), else computed here.
     -> (loss, stats dict of detached tensors: target and prediction std across tokens, and mean_baseline: the loss
@@ -189,11 +177,10 @@ def jepa_loss(student, target, x, ctx_idx, tgt_idx, weight=None, target_kind='la
             h = patch_pixels(x.float(), patch_size)  # (B, N, p*p*3)
         h = h.gather(1, tgt_idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, Nt, D)
     pred = student(x, ctx_idx, tgt_idx, offset).float()  # (B, Nt, D)
-    per = (F.mse_loss if loss == 'mse' else F.smooth_l1_loss)(pred, h, reduction='none').mean(-1)  # (B, Nt)
-    w = torch.ones_like(per) if weight is None else weight.to(per.dtype)
     stats = {'target_std': h.std(1).mean().detach(), 'pred_std': pred.std(1).mean().detach(),
              'mean_baseline': (h - h.mean(1, keepdim=True)).pow(2).mean().detach()}
-    return (per * w).sum() / w.sum().clamp(min=1), stats
+    per = F.mse_loss(pred, h, reduction='none').mean(-1)  # (B, Nt)
+    return per.sum() / per.numel(), stats
 
 
 def main(argv=None):
@@ -221,9 +208,9 @@ def main(argv=None):
     context = build_vit(args.model, args.patch_size).to(device)
     target = copy.deepcopy(context).requires_grad_(False)  # EMA copy, never trained by gradients
     out_dim = args.patch_size ** 2 * 3 if args.target == 'pixels' else None
-    predictor = build_predictor(args.model, args.pred_dim, args.pred_depth, out_dim).to(device)
+    predictor = build_predictor(args.model, out_dim=out_dim).to(device)
     student = Student(context, predictor)
-    opt = torch.optim.AdamW(param_groups([(student, 1.0)], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups([(student, 1.0)], WEIGHT_DECAY[0]), lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)  # bf16 needs no loss scaling
     gen = torch.Generator().manual_seed(args.seed)  # masks: drawn on the CPU for the global batch (masking._rand)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
@@ -246,7 +233,7 @@ def main(argv=None):
         n_params = sum(p.numel() for p in context.parameters()) / 1e6
         print(f'{args.model} ViT/{args.patch_size}: {n_params:.1f}M params, {n_labelled} train images + '
               f'{len(ds) - n_labelled} unlabelled ({", ".join(args.unlabelled) or "none"}), {world} '
-              f'process(es), mask={args.mask}, target={args.target}, predict={args.predict}, device={device}')
+              f'process(es), mask={args.mask}, target={args.target}, device={device}')
 
     def checkpoint(epoch, batch):
         if not main0:
@@ -281,17 +268,15 @@ def main(argv=None):
                     full = latent_targets(fwd_target, x, args.target_layers, args.target_norm, offset)  # (B, N, D)
                 salient = saliency_patches(full, args.saliency_share)  # (B, N) bool
             ctx_idx, tgt_idx, tgt_obj = make_masks(args.mask, [t['boxes'] for t in targets], gh, gw, args.patch_size,
-                                                   args.mask_ratio, args.object_keep, gen, args.mask_dilate,
-                                                   args.p_object, rows=(rank * B, (rank + 1) * B, world * B),
-                                                   salient=salient)
-            weight = tgt_obj.to(device) if args.predict == 'objects' else None
+                                                   args.mask_ratio, args.object_keep, gen,
+                                                   rows=(rank * B, (rank + 1) * B, world * B), salient=salient)
             batch, seen = batch + 1, seen + B
             sync = batch % args.accum == 0  # DDP all-reduces gradients only on the last micro-batch of a step
             with model.no_sync() if ddp and not sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss, stats = jepa_loss(fwd_model, fwd_target, x, ctx_idx.to(device), tgt_idx.to(device), weight,
-                                            args.target, args.loss, args.patch_size, args.target_layers,
-                                            args.target_norm, offset=offset, full=full)
+                    loss, stats = jepa_loss(fwd_model, fwd_target, x, ctx_idx.to(device), tgt_idx.to(device),
+                                            args.target, args.patch_size, args.target_layers, args.target_norm,
+                                            offset=offset, full=full)
                 loss_value = loss.item()  # the one host sync of a micro-batch: check, sum and progress bar
                 if not math.isfinite(loss_value):  # stop before anything is written over the last good checkpoint
                     raise FloatingPointError(f'loss is {loss_value} at step {step} (epoch {epoch + 1}, batch '
@@ -301,18 +286,17 @@ def main(argv=None):
             loss_sum += loss_value
             if not sync:
                 continue
-            lr = lr_at(step, total, warmup, args.lr, args.min_lr)
-            wd = args.weight_decay_end + (args.weight_decay - args.weight_decay_end) * 0.5 * (
+            lr = lr_at(step, total, warmup, args.lr, MIN_LR)
+            wd = WEIGHT_DECAY[1] + (WEIGHT_DECAY[0] - WEIGHT_DECAY[1]) * 0.5 * (
                 1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
             for g in opt.param_groups:  # (opt.param_groups, not a list kept from before: a resume replaces them)
                 g['lr'], g['weight_decay'] = lr, wd * g['wd_scale']
-            if args.clip_grad > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), CLIP_GRAD)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            momentum = ema_momentum(step, total, *args.ema)
+            momentum = ema_momentum(step, total, *EMA)
             if args.target == 'latent':
                 ema_update(target, context, momentum)
             step += 1
@@ -327,7 +311,7 @@ def main(argv=None):
                 if main0:
                     log.write(json.dumps(rec) + '\n')
                     log.flush()
-                    if rec['target_std'] < args.collapse_std:  # (predictions start near-constant: not a signal)
+                    if rec['target_std'] < COLLAPSE_STD:  # (predictions start near-constant: not a signal)
                         tqdm.write(f'warning: step {step}: the target features vary by {rec["target_std"]:.4f} '
                                    f'(std across tokens): the representation may be collapsing')
             bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{seen / (time.time() - t0):.1f}')

@@ -64,12 +64,12 @@ def time_steps(ft, x, targets, steps):
     torch.manual_seed(0)
     model = build(ft)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    matcher = TimedMatcher(method=ft.matcher, w_ctr=ft.match_centre)
+    matcher = TimedMatcher(w_ctr=ft.match_centre)
     total = matching = 0.0
     for step in range(steps + 1):  # the first step warms up and is not timed
         matcher.seconds = 0.0
         t0 = time.perf_counter()
-        loss, _ = detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
+        loss, _ = detector_loss(model(x), targets, matcher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -78,7 +78,7 @@ def time_steps(ft, x, targets, steps):
             matching += matcher.seconds
     matcher.keep = True  # one more forward and loss, untimed, for the matcher's cost matrices
     with torch.no_grad():
-        detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
+        detector_loss(model(x), targets, matcher)
     return total, matching, matcher
 
 

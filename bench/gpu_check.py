@@ -78,11 +78,11 @@ def measure_finetune(args, n_objects=300):
     xy = torch.rand(args.batch_size, n_objects, 2, device=device) * (args.img_size - 40)
     targets = [{'boxes': torch.cat([p, p + 8 + 24 * torch.rand_like(p)], 1),
                 'labels': torch.randint(0, 15, (n_objects,), device=device)} for p in xy]
-    matcher, amp = MinCostMatcher(method=ft.matcher, w_ctr=ft.match_centre), device.type == 'cuda'
+    matcher, amp = MinCostMatcher(w_ctr=ft.match_centre), device.type == 'cuda'
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = detector_loss(model(x), targets, matcher, cls_loss=ft.cls_loss)
+            loss, _ = detector_loss(model(x), targets, matcher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -34,8 +34,8 @@ def loss_ratio(student, target, a, ds, mode, batch_size, passes=1):
             x = to_input(images, targets, 'cpu')
             ctx, tgt, _ = make_masks(mode, [t['boxes'] for t in targets], x.shape[-2] // p, x.shape[-1] // p, p,
                                      a['mask_ratio'], a['object_keep'], gen)
-            l, stats = jepa_loss(student, target, x, ctx, tgt, None, 'latent', a['loss'], p, a['target_layers'],
-                                 a['target_norm'], crop_offsets(targets, p, 'cpu'))
+            l, stats = jepa_loss(student, target, x, ctx, tgt, 'latent', p, a['target_layers'], a['target_norm'],
+                                 crop_offsets(targets, p, 'cpu'))
             loss, base, n = loss + l.item(), base + stats['mean_baseline'].item(), n + 1
     if n == 0:
         raise SystemExit(f'fewer than {batch_size} images in this split: lower --batch-size')

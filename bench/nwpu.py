@@ -29,12 +29,9 @@ small-object AP of val patches; random weights for scratch; the whole pretrained
 A second table probes every encoder: random weights, each pretraining's context and EMA target encoder, and the
 backbone of the fine-tuned scratch detector (what supervised training puts there, for reference).
 
-The transfer: the whole pretrained encoder (--transfer-args adds finetune.py flags to the unfrozen pretrained rows).
-Before the detector had its convolutional spatial prior (finetune.py's default since 2026-12-01) the pretrained
-blocks slowed fine-tuning down and the benchmark kept only the patch embedding ('--reinit-blocks 4'); with the prior
-the whole encoder starts fastest, and with finetune.py's layer decay off (its default since 2026-12-01) it ends level
-with scratch (RESULTS.md). It learns at 0.1x the head's lr (DETR's backbone convention): at 1x the random head's first
-gradients overwrite it (RESULTS.md, 2026-12-02).
+The transfer: the whole pretrained encoder (--transfer-args adds finetune.py flags to the unfrozen pretrained rows),
+learning at 0.1x the head's lr (DETR's backbone convention): at 1x the random head's first gradients overwrite it
+(RESULTS.md).
 Caching is by command line, the flags it resolves to (defaults included) and CODE_VERSION: a change of a script's
 defaults reruns what it changes; a change of its code only when CODE_VERSION is bumped (else use a fresh OUT, or
 delete OUT/<row>/done.json).
@@ -184,8 +181,8 @@ def main():
       help='further pretrain.py flags of every pretrained row, one string (default: %(default)s)')
     a('--transfer-args', default='--backbone-lr 0.1',
       help="finetune.py flags of the unfrozen rows that start from a pretrained encoder, one string: the whole "
-           "encoder at 0.1x the head's lr started and ended better than at 1x (RESULTS.md, 2026-12-02); '' = 1x, "
-           "'--reinit-blocks 4' keeps only the patch embedding (default: %(default)s)")
+           "encoder at 0.1x the head's lr started and ended better than at 1x (RESULTS.md, 2026-12-02); '' = 1x "
+           "(default: %(default)s)")
     a('--label-fraction', type=float, default=1.0,
       help='F < 1: the labels of a fraction F of train\'s images, for every row: each fine-tunes on their tiles '
            '(finetune.py --label-fraction) and each pretraining reads no other label (fair_split: the other images '
@@ -280,7 +277,8 @@ def main():
                                                    '--img-size', args.pretrain_img_size, *flags,
                                                    '--epochs', args.pretrain_epochs,
                                                    '--batch-size', args.pretrain_batch_size,
-                                                   *args.pretrain_args.split(), '--out', pre], pre.parent / 'pretrain.log',
+                                                   *args.pretrain_args.split(), '--out', pre],
+                                             pre.parent / 'pretrain.log',
                                              deps=[boxes[0] / 'detections.json'] if reads == 'detector' else [])
                 ratios[source] = loss_ratio(pre / 'log.jsonl')
                 probes[f'{source} (context)'] = probe(pre.parent.name + '-context', pre / 'last.pt')

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from data import DOTADataset
 from labels import CLASSES
-from prepare import make_synthetic, split
+from prepare import make_synthetic, split as split_images
 
 
 def test_every_kind_of_row_runs_and_leaves_a_checkpoint_a_probe_and_a_table(tmp_path):
@@ -18,7 +18,7 @@ def test_every_kind_of_row_runs_and_leaves_a_checkpoint_a_probe_and_a_table(tmp_
     cmd = [sys.executable, ROOT / 'bench' / 'nwpu.py', '--src', tmp_path / 'src', '--out', tmp_path / 'out', '--rows',
            rows, '--budget', 'both', '--model', 'test', '--patch-size', '8', '--img-size', '64', '--epochs', '3',
            '--pretrain-img-size', '32', '--pretrain-epochs', '2', '--pretrain-batch-size', '4',
-           '--transfer-args', '--reinit-blocks 1',
+           '--transfer-args', '--backbone-lr 0.5',
            '--finetune-args', '--head-dim 32 --batch-size 4 --eval-every 1']
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -65,7 +65,7 @@ def test_the_fair_split_leaves_no_label_of_an_unlabelled_image_where_the_pretrai
     monkeypatch.syspath_prepend(str(ROOT / 'bench'))
     import nwpu
     make_synthetic(tmp_path / 'src', n_train=8, n_val=1, size=64, seed=0)
-    split(tmp_path / 'src' / 'train', tmp_path / 'data' / 'train', 48, 16, workers=1, classes=CLASSES['dota1.0'])
+    split_images(tmp_path / 'src' / 'train', tmp_path / 'data' / 'train', 48, 16, workers=1, classes=CLASSES['dota1.0'])
     fair = nwpu.fair_split(tmp_path / 'data', 0.25)
     full = DOTADataset(tmp_path / 'data', 'train', CLASSES['dota1.0'])
     labelled = DOTADataset(fair, 'train', CLASSES['dota1.0'])

@@ -4,8 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (DOTADataset, Loader, collate, crop_offsets, orient, random_crop, random_dihedral, random_resize,
-                  to_input)
+from data import DOTADataset, Loader, collate, crop_offsets, orient, random_crop, random_dihedral, to_input
 from labels import CLASSES, LabelError, Problems, load_labels, parse_label_file, parse_tile_name, read_image
 from prepare import make_synthetic
 
@@ -250,27 +249,6 @@ def test_random_crop_keeps_scale_and_clips():
     out, boxes, keep, origin = random_crop(img[:20, :20], torch.tensor([[2.0, 3, 10, 12], [15, 15, 30, 30]]), 48)
     assert origin == (0, 0) and out.shape == (20, 20, 3)  # smaller: as is
     assert boxes.tolist() == [[2, 3, 10, 12], [15, 15, 20, 20]]
-
-
-def test_random_resize_moves_boxes_with_pixels_and_stays_in_range():
-    img = torch.zeros(100, 80, 3, dtype=torch.uint8)
-    img[40:60, 30:50] = 255
-    sides = set()
-    for seed in range(20):
-        g = torch.Generator().manual_seed(seed)
-        out, boxes = random_resize(img, torch.tensor([[30.0, 40, 50, 60]]), 0.5, g)
-        sides.add(out.shape[0])
-        assert 50 <= out.shape[0] <= 150 and abs(out.shape[1] - 80 * out.shape[0] / 100) <= 1  # aspect kept
-        x1, y1, x2, y2 = boxes[0].tolist()  # the bright square, found again in the resized pixels
-        bright = (out[..., 0] > 127).nonzero()
-        assert abs(bright[:, 1].min() - x1) <= 1 and abs(bright[:, 1].max() + 1 - x2) <= 1
-        assert abs(bright[:, 0].min() - y1) <= 1 and abs(bright[:, 0].max() + 1 - y2) <= 1
-    assert len(sides) > 10  # a different size almost every draw
-    obb = torch.tensor([[40.0, 50, 20, 10, 0.3]])
-    out, b = random_resize(img, obb, 0.5, torch.Generator().manual_seed(0))
-    assert b[0, 4] == 0.3 and torch.allclose(b[0, :4] / obb[0, :4], torch.tensor(out.shape[0] / 100), atol=0.02)
-    with pytest.raises(ValueError, match='scale'):
-        DOTADataset('.', 'train', ['a'], scale=1.0)
 
 
 def test_collate_pads_to_a_multiple_of_the_patch():

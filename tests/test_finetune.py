@@ -1,4 +1,4 @@
-"""The fine-tuning recipe: layer-wise lr decay, frozen backbone, matcher choice, dataset diagnostics, DDP."""
+"""The fine-tuning recipe: the backbone's lr, frozen backbone, the matcher, dataset diagnostics, DDP, resume."""
 import json
 import os
 import subprocess
@@ -9,34 +9,29 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data import DOTADataset, Loader, epoch_loader, to_input
+from data import DOTADataset, Loader
 from labels import CLASSES
 from detector import Detector, outside_cell
 from matcher import MinCostMatcher, assign_min_cost
-from finetune import layer_decay_parts, shared_centre_share
+from finetune import lr_parts, shared_centre_share
 from model import build_vit, param_groups
 from prepare import make_synthetic
 
 
-def test_layer_decay_covers_every_parameter_once_with_decaying_scales():
+def test_the_backbone_lr_scale_covers_every_parameter_once():
     det = Detector(build_vit('mini', 8), 15)
-    groups = param_groups(layer_decay_parts(det, 0.5), 0.05)
+    groups = param_groups(lr_parts(det, 0.1), 0.05)
     seen = [id(p) for g in groups for p in g['params']]
     assert sorted(seen) == sorted(id(p) for p in det.parameters()) and len(seen) == len(set(seen))
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
-    L = len(det.backbone.blocks)  # 4
-    assert scale[id(det.backbone.patch_embed.proj.weight)] == 0.5 ** (L + 1)
-    assert [scale[id(b.attn.qkv.weight)] for b in det.backbone.blocks] == [0.5 ** (L - i) for i in range(L)]
-    assert scale[id(det.cls.weight)] == 1.0 and scale[id(det.backbone.norm.weight)] == 1.0
-    scale = {id(p): g['lr_scale'] for g in param_groups(layer_decay_parts(det, 0.5, 0.1), 0.05) for p in g['params']}
-    assert scale[id(det.backbone.blocks[0].attn.qkv.weight)] == pytest.approx(0.1 * 0.5 ** L)  # --backbone-lr 0.1
-    assert scale[id(det.backbone.norm.weight)] == pytest.approx(0.1) and scale[id(det.cls.weight)] == 1.0
+    assert {scale[id(p)] for p in det.backbone.parameters()} == {0.1}  # --backbone-lr 0.1
+    assert scale[id(det.cls.weight)] == 1.0 and scale[id(det.prior.layers[0].weight)] == 1.0
 
 
 def test_frozen_backbone_is_left_out_of_the_optimizer():
     det = Detector(build_vit('test', 8), 3)
     det.backbone.requires_grad_(False)
-    params = {id(p) for g in param_groups(layer_decay_parts(det, 0.75), 0.05) for p in g['params']}
+    params = {id(p) for g in param_groups(lr_parts(det), 0.05) for p in g['params']}
     assert not params & {id(p) for p in det.backbone.parameters()} and id(det.cls.weight) in params
 
 
@@ -56,8 +51,8 @@ def test_hungarian_is_never_worse_than_the_greedy_rule():
     det = Detector(build_vit('test', 8), 2)
     out = det(torch.zeros(1, 3, 32, 32))
     gt = torch.tensor([[9.0, 9, 12, 12], [12.5, 9, 15.5, 12]])
-    pi, gi = MinCostMatcher(method='hungarian')(out['logits'][0], out['boxes'][0], out['centres'][0], gt,
-                                                torch.tensor([0, 1]), 8)
+    pi, gi = MinCostMatcher()(out['logits'][0], out['boxes'][0], out['centres'][0], gt, torch.tensor([0, 1]),
+                              out['stride'], out['claim'])
     assert len(set(pi.tolist())) == 2 and sorted(gi.tolist()) == [0, 1]
 
 
@@ -95,42 +90,12 @@ def test_ddp_fine_tuning_runs_on_two_cpu_processes(tmp_path):
     assert '2 process(es)' in p.stdout and (tmp_path / 'ft' / 'best.pt').exists()
 
 
-def test_layer_decay_is_off_by_default_and_set_by_the_flag(tmp_path):
-    from finetune import build, get_parser
-    torch.save({'args': {'model': 'test', 'patch_size': 8, 'data': 'synthetic', 'classes': 'dota1.0'},
-                'context': build_vit('test', 8).state_dict()}, tmp_path / 'pre.pt')
-    for extra, want in (([], 1.0), (['--layer-decay', '0.75'], 0.75)):
-        args = get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt'), *extra])
-        det = build(args)
-        scales = sorted({g['lr_scale'] for g in param_groups(layer_decay_parts(det, args.layer_decay), 0.05)})
-        assert args.layer_decay == want and (scales == [1.0]) == (want == 1.0)
-
-
-def test_the_saved_detector_is_the_ema_of_the_trained_weights(tmp_path):
-    """With --ema the checkpoint holds the moving average, which lags the trained weights: it sits nearer to the
-    initial weights than the weights trained with the same seed and no EMA (one run each, same data order)."""
-    from finetune import build, get_parser, main
-    make_synthetic(tmp_path / 'synth', n_train=16, n_val=2, size=32, seed=0)
-    flags = ['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
-             '--img-size', '32', '--batch-size', '4', '--epochs', '2', '--head-dim', '32', '--workers', '0',
-             '--device', 'cpu', '--lr', '1e-3']
-    torch.manual_seed(0)  # finetune.main seeds with --seed 0 before building: the same initial weights
-    init = build(get_parser().parse_args(flags)).state_dict()
-    saved = {}
-    for ema in ('0', '0.9'):
-        main(flags + ['--ema', ema, '--out', str(tmp_path / ema)])
-        saved[ema] = torch.load(tmp_path / ema / 'last.pt', weights_only=True)['model']
-    dist = {k: sum((v.float() - init[n].float()).norm() ** 2 for n, v in w.items()) ** 0.5 for k, w in saved.items()}
-    assert 0 < dist['0.9'] < dist['0']
-
-
 def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_path, capsys):
     from finetune import main
     make_synthetic(tmp_path / 'synth', n_train=16, n_val=4, size=32, seed=0)
-    # mini, not test: 4 blocks, so stochastic depth draws random numbers (block i drops with 0.2 i / 3)
     flags = ['--ckpt', 'none', '--model', 'mini', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
              '--img-size', '32', '--batch-size', '4', '--epochs', '2', '--eval-every', '1', '--head-dim', '32',
-             '--workers', '2', '--device', 'cpu', '--lr', '1e-3', '--drop-path', '0.2', '--ema', '0.99']
+             '--workers', '2', '--device', 'cpu', '--lr', '1e-3']
 
     def final_table(out):
         return out[out.rindex('epoch 2 ('):].split('\n', 1)[1].split('; saved')[0]  # no time, no paths
@@ -139,7 +104,7 @@ def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_p
     main(flags + ['--out', str(tmp_path / 'part'), '--max-steps', '3'])  # stops inside epoch 1 (4 steps each)
     assert 'stopped at --max-steps 3' in capsys.readouterr().out
     ck = torch.load(tmp_path / 'part' / 'last.pt', weights_only=True)
-    assert (ck['step'], ck['epoch'], ck['batch']) == (3, 0, 3) and 'train_model' in ck
+    assert (ck['step'], ck['epoch'], ck['batch']) == (3, 0, 3)
     torch.save({**ck, 'seconds': 1000.0}, tmp_path / 'part' / 'last.pt')  # as if the first part had run 1000 s
     main(flags + ['--out', str(tmp_path / 'part'), '--resume', 'auto'])
     rest = capsys.readouterr().out
@@ -147,8 +112,7 @@ def test_a_resumed_fine_tune_prints_the_same_table_as_an_uninterrupted_one(tmp_p
     assert final_table(rest) == final_table(full) and 'All' in final_table(full)
     a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True) for d in ('full', 'part'))
     assert a['step'] == b['step'] == 8
-    for k in ('model', 'train_model'):
-        assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])  # exact, not approximately
+    assert all(torch.equal(a['model'][n], b['model'][n]) for n in a['model'])  # exact, not approximately
     epochs = lambda d: [r.split(',')[0] for r in (tmp_path / d / 'results.csv').read_text().splitlines()]  # noqa
     assert epochs('part') == epochs('full') == ['epoch', '1', '2']
     seconds = [float(r.split(',')[1]) for r in (tmp_path / 'part' / 'results.csv').read_text().splitlines()[1:]]
@@ -165,14 +129,12 @@ def test_results_csv_every_epoch_and_the_curves_only_with_matplotlib(tmp_path, m
              '--workers', '0', '--device', 'cpu', '--dec-layers', '0']
     import evaluate
     monkeypatch.setattr(evaluate, '_pyplot', lambda: None)  # what it returns when matplotlib is not installed
-    main(flags + ['--o2m', '3', '--scale', '0.3', '--max-filter', '--spatial-prior', '--whiten', '4', '--peak-filter',
-                  '--fine', '0', '--out', str(tmp_path / 'no_mpl')])
+    main(flags + ['--fine', '0', '--out', str(tmp_path / 'no_mpl')])
     model, _ = evaluate.load_detector(tmp_path / 'no_mpl' / 'best.pt', torch.device('cpu'))  # the options rebuilt
-    assert model.prior is not None and model.adapt is not None and model.max_filter and not hasattr(model, 'cls_o2m')
-    assert model.peak is not None
+    assert model.prior is not None and model.fine == 0
     lines = (tmp_path / 'no_mpl' / 'results.csv').read_text().splitlines()
     head, rows = lines[0].split(','), [line.split(',') for line in lines[1:]]
-    assert head[:4] == ['epoch', 'seconds', 'lr', 'loss'] and head[-2:] == ['mAP50', 'mAP50-95'] and 'o2m' in head
+    assert head[:4] == ['epoch', 'seconds', 'lr', 'loss'] and head[-2:] == ['mAP50', 'mAP50-95'] and 'giou' in head
     assert [r[0] for r in rows] == ['1', '2', '3'] and all(len(r) == len(head) for r in rows)
     assert rows[0][-1] == '' and rows[1][-1] != '' and rows[2][-1] != ''  # evaluated at epochs 2 and 3 only
     assert not (tmp_path / 'no_mpl' / 'results.png').exists() and not (tmp_path / 'no_mpl' / 'PR_curve.png').exists()
@@ -198,58 +160,6 @@ def test_time_budget_sets_the_epochs_from_the_time_per_epoch(tmp_path, capsys):
     rows = (tmp_path / 'run' / 'results.csv').read_text().splitlines()[1:]
     assert len(rows) == 1 and rows[0].split(',')[-1] != ''  # one epoch, and it was the last: evaluated
     assert torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)['epoch'] == 1
-
-
-def test_reinit_blocks_keeps_the_lower_layers_and_redraws_the_top(tmp_path):
-    from finetune import build, get_parser
-    enc = build_vit('mini', 8)
-    for p in enc.parameters():  # a "pretrained" encoder: far from any fresh initialization
-        p.data.fill_(0.5)
-    torch.save({'args': {'model': 'mini', 'patch_size': 8, 'data': 'synthetic', 'classes': 'dota1.0'},
-                'context': enc.state_dict()}, tmp_path / 'pre.pt')
-    det = build(get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt'), '--reinit-blocks', '1']))
-    b = det.backbone
-    assert (b.patch_embed.proj.weight == 0.5).all() and all((p == 0.5).all() for p in b.blocks[2].parameters())
-    assert b.blocks[3].attn.qkv.weight.std() < 0.05 and (b.blocks[3].attn.qkv.bias == 0).all()  # fresh init
-    assert (b.norm.weight == 1).all()
-    with pytest.raises(SystemExit, match='4 blocks'):
-        build(get_parser().parse_args(['--ckpt', str(tmp_path / 'pre.pt'), '--reinit-blocks', '5']))
-
-
-def test_freeze_epochs_hold_the_backbone_then_release_it(tmp_path):
-    from finetune import build, get_parser, main
-    make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
-    flags = ['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
-             '--img-size', '32', '--batch-size', '4', '--head-dim', '32', '--workers', '0', '--device', 'cpu',
-             '--freeze-epochs', '1', '--warmup-epochs', '0']
-    torch.manual_seed(0)  # finetune.main seeds with --seed 0 before building: the same initial weights
-    init = build(get_parser().parse_args(flags)).state_dict()
-    for epochs in ('1', '2'):
-        main(flags + ['--epochs', epochs, '--out', str(tmp_path / epochs)])
-        w = torch.load(tmp_path / epochs / 'last.pt', weights_only=True)['model']
-        moved = {k for k in w if not torch.equal(w[k], init[k])}
-        assert any(k.startswith('cls.') for k in moved)  # the head always trains
-        assert any(k.startswith('backbone.') for k in moved) == (epochs == '2')  # the backbone from epoch 2 on
-
-
-def test_whiten_makes_the_tokens_uncorrelated_with_unit_variance(tmp_path):
-    from argparse import Namespace
-    from finetune import whiten_init
-    make_synthetic(tmp_path, n_train=8, n_val=0, size=32, seed=0)
-    ds = DOTADataset(tmp_path, 'train', CLASSES['dota1.0'], img_size=32, train=True)
-    torch.manual_seed(0)
-    det = Detector(build_vit('test', 8), 3, 32, dec_layers=0, adapt=True)
-    with torch.no_grad():  # a backbone whose tokens share one dominant direction, like the pretrained ones
-        det.backbone.norm.weight.mul_(torch.linspace(0.1, 10, 32))
-    pc1 = whiten_init(det, ds, 8, Namespace(batch_size=4, patch_size=8, seed=0), torch.device('cpu'))
-    x = torch.cat([det.backbone(to_input(im, t, 'cpu')).flatten(0, 1)  # the same crops: (128 tokens, 32)
-                   for im, t in epoch_loader(ds, 4, 8, 0, 0, 0)]).detach()
-    with torch.no_grad():
-        y = det.adapt(x)
-    lam = torch.linalg.eigvalsh(torch.cov(y.T))
-    assert pc1 > 0.3  # the dominant direction was there
-    assert lam.max() < 1.001 and (lam > 0.9).sum() >= 16  # unit variance in every direction that had some
-    assert y.mean(0).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize('flags,stride,fine', [(['--patch-size', '16'], 16, 32), (['--patch-size', '8'], 8, 16),
@@ -302,3 +212,18 @@ def test_label_fraction_trains_on_the_tiles_of_fewer_images(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '--label-fraction 0.5: 4 train tiles of 4 of 8 source images' in out
     assert '4 train / 2 val images' in out  # what the detector trained on, val unchanged
+
+
+def test_a_checkpoint_of_a_removed_option_names_it_and_the_commit_that_has_it(tmp_path):
+    from evaluate import load_detector
+    from finetune import main
+    make_synthetic(tmp_path / 'synth', n_train=4, n_val=1, size=32, seed=0)
+    main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'), '--img-size',
+          '32', '--batch-size', '4', '--epochs', '1', '--head-dim', '32', '--workers', '0', '--device', 'cpu',
+          '--out', str(tmp_path / 'run')])
+    ck = torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)
+    assert load_detector(tmp_path / 'run' / 'best.pt', 'cpu')[0].fine == 16  # today's checkpoint loads
+    ck['args'].update(o2m=3, cls_loss='focal', ema=0.0)  # as an older run with the one-to-many head wrote it
+    torch.save(ck, tmp_path / 'old.pt')
+    with pytest.raises(SystemExit, match=r'--o2m 3, --cls-loss focal: options removed .*git checkout d94a794b30'):
+        load_detector(tmp_path / 'old.pt', 'cpu')

@@ -217,7 +217,7 @@ def test_detector_overfits_one_rotated_synthetic_image(tmp_path):
     opt = torch.optim.AdamW(det.parameters(), lr=3e-3, weight_decay=0.0)
     x = to_input(images, [t], torch.device('cpu'))
     for _ in range(300):
-        loss, parts = detector_loss(det(x), [t], MinCostMatcher(), cls_loss='varifocal')
+        loss, parts = detector_loss(det(x), [t], MinCostMatcher())
         opt.zero_grad()
         loss.backward()
         opt.step()
