@@ -56,3 +56,21 @@ def test_heldout_bench_scores_both_splits_with_the_same_crops_and_masks_for_ever
     assert set(a) == {(s, m) for s in ('train', 'val') for m in ('object', 'random')}
     assert all(r > 0 for r in a.values()) and a == score('a')  # deterministic: crops and masks fixed
     assert a != b  # another checkpoint, another loss on the same crops
+
+
+def test_object_masks_hide_object_patches_no_more_often_than_random_ones_unless_object_keep_is_lowered(tmp_path,
+                                                                                                       monkeypatch):
+    """The masking arithmetic behind NWPU's level rows: at mask ratio 0.75 a kept share of 0.25 hides 75 % of the
+    object patches, as random masks do; only object_keep < 1 - mask_ratio makes the hidden set prefer objects."""
+    from prepare import make_synthetic, split
+    from labels import CLASSES
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))
+    import mask_overlap
+    make_synthetic(tmp_path / 'src', n_train=16, n_val=1, size=64, seed=0)
+    split(tmp_path / 'src' / 'train', tmp_path / 'data' / 'train', 64, 16, workers=1, classes=CLASSES['dota1.0'])
+    common = ['--data', str(tmp_path / 'data'), '--img-size', '64', '--patch-size', '8', '--label-fraction', '0.25']
+    default = mask_overlap.main(common)
+    assert abs(default['object-gt']['box_hidden'] - default['random']['box_hidden']) < 0.05  # both about 0.75
+    hide_all = mask_overlap.main(common + ['--object-keep', '0'])
+    assert hide_all['object-gt']['box_hidden'] > 0.99 > hide_all['random']['box_hidden'] + 0.15
+    assert hide_all['object-gt']['hidden_on_box'] > hide_all['random']['hidden_on_box']
