@@ -3,19 +3,26 @@
     python bench/nwpu.py                                   # scratch vs jepa-object, equal fine-tuning epochs
     python bench/nwpu.py --budget both                     # + the pretrained rows at an equal total budget
     python bench/nwpu.py --rows all --out runs/nwpu        # the four rows of the seed (and the frozen checks)
-    python bench/nwpu.py --label-fraction 0.25             # pretrain on every train image, fine-tune on a quarter
+    python bench/nwpu.py --label-fraction 0.25 --rows scratch,jepa-random,jepa-object-det --seeds 3
+                                                           # labels on a quarter: no row reads any other label
 
 The data: ../shared/nwpu_vhr10 (or --src, or $NWPU_VHR10), real Google Earth / Vaihingen images in the DOTA layout,
 cut once by `prepare.py split --size 512 --gap 128 --rates 0.5` into OUT/data/{train,val} (496 / 83 tiles; at half
 resolution the median object is ~32 px, DOTA-small). Val holds whole images that no row trains on.
 
-Rows (each fine-tunes the same detector with the same recipe and is scored on val):
+Rows (each fine-tunes the same detector with the same recipe and is scored on val; which boxes each pretraining may
+read: PRETRAIN below):
     scratch             fine-tuning only, from random weights
-    jepa-object         JEPA pretraining, object-aware masking (hidden patches drawn from GT boxes first)
-    jepa-random         JEPA pretraining, random masking
+    jepa-random         JEPA pretraining, random masking (reads no label)
+    jepa-object         object-aware masking: ground truth of the labelled images, random masks on the others
+    jepa-object-det     the same, and on the others the boxes of the scratch row's detector (its own labels only)
+    jepa-saliency       the EMA target's most distinctive tokens are hidden first (reads no label)
+    jepa-object-oracle  every train image's ground truth: more boxes than a label fraction allows (a reference)
     pixels-random       MAE-style: random masking, normalized pixels as targets
     scratch-frozen      random backbone frozen, the head alone trained: what random features are worth
     jepa-object-frozen  jepa-object's pretrained backbone frozen: what its features are worth
+With --label-fraction F < 1 every pretraining reads the fair split (fair_split): the other images reach it as
+images alone. --seeds N fine-tunes each row N times and prints the mean and the range.
 Pretraining (--pretrain-*: crops of --pretrain-img-size from the train tiles, each at its position in the tile, many
 short steps) runs once per row and is cached: OUT/<row>/pretrain holds last.pt, log.jsonl (loss, mean_baseline) and
 done.json (its command and minutes); a rerun or another row that asks for the same pretraining reuses it.
