@@ -273,11 +273,10 @@ def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_d
     return res, text
 
 
-# Options of finetune.py measured and removed (RESULTS.md, "tried and removed"): a checkpoint trained with one of them
-# set away from what the code now does cannot be rebuilt here. `git checkout d94a794b30` has them all.
-REMOVED = {'max_filter': False, 'peak_filter': False, 'o2m': 0, 'whiten': 0, 'near_negatives': 0.0, 'ema': 0.0,
-           'drop_path': 0.0, 'scale': 0.0, 'reinit_blocks': 0, 'freeze_epochs': 0, 'layer_decay': 1.0,
-           'cls_loss': 'varifocal', 'matcher': 'greedy', 'encoder': 'context'}
+# Options of finetune.py that changed the model itself, measured and removed (RESULTS.md, "tried and removed"): a
+# checkpoint trained with one of them cannot be rebuilt here; `git checkout d94a794b30` has them. (The removed
+# training-only options, e.g. --ema, --o2m or --cls-loss, left weights that today's Detector loads as they are.)
+REMOVED = {'max_filter': False, 'peak_filter': False, 'whiten': 0}
 
 
 def load_detector(path, device):
@@ -295,10 +294,10 @@ def load_detector(path, device):
                      a.get('stride', 8), a.get('dec_layers', 0), a.get('num_queries', 1000),
                      obb=a.get('boxes', 'hbb') == 'obb', spatial_prior=a.get('spatial_prior', False),
                      fine=a.get('fine', 0))
-    own = model.state_dict()  # not needed to predict: in checkpoints before 2026-11-30, a dense-only model's unused
-    # query layers
+    own = model.state_dict()  # not needed to predict: the training-only one-to-many head (--o2m, removed) and, in
+    # checkpoints before 2026-11-30, a dense-only model's unused query layers
     model.load_state_dict({k: v for k, v in ckpt['model'].items() if k in own or
-                           not k.startswith(('query.', 'size_pos.', 'angle_pos.'))})
+                           not k.startswith(('query.', 'size_pos.', 'angle_pos.', 'cls_o2m.', 'box_o2m.'))})
     return model.to(device), ckpt
 
 

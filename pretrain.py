@@ -10,11 +10,12 @@ context tokens plus a mask token at every hidden position and predicts the targe
 latent), or the hidden patches' normalized pixels through a linear head (--target pixels: MAE's loss, no EMA
 needed); the loss is the mean squared error over the hidden patches. Both encoders and the predictor place a
 crop's patches where it was cut from its tile (data.py's 'origin'): the sin-cos positions are absolute, and 256²
-crops placed at 0 would never show the encoder the positions 16-31 that a whole 512² tile gives the detector. --target-layers 2 --target-norm instance
-makes the targets data2vec's: the mean of the last blocks' layer-normed outputs, each channel then standardized over
-the image (the per-image mean leaves the targets; on NWPU VHR-10 this gave the encoder a clearly better linear
-probe, RESULTS.md). Only the context encoder and predictor get gradients; the target encoder follows the context
-encoder by EMA, momentum rising linearly 0.996 -> 1.0. Masking strategies: masking.py.
+crops placed at 0 would never show the encoder the positions 16-31 that a whole 512² tile gives the detector.
+--target-layers 2 --target-norm instance makes the targets data2vec's: the mean of the last blocks' layer-normed
+outputs, each channel then standardized over the image (the per-image mean leaves the targets; on NWPU VHR-10 this
+gave the encoder a clearly better linear probe, RESULTS.md). Only the context encoder and predictor get gradients;
+the target encoder follows the context encoder by EMA, momentum rising linearly 0.996 -> 1.0. Masking strategies:
+masking.py.
 
 Images without labels (--unlabelled DIR ...: DOTA's test tiles, any folder of scenes) are pretrained on beside the
 train split. Object masking needs boxes there: --unlabelled-boxes reads a detector's (evaluate.py --write-labels,
@@ -27,10 +28,11 @@ Safety: OUT/last.pt is written atomically every --save-every steps and at each e
 models, optimizer, scaler, schedules, RNG states and the position in the epoch (exact, whatever --workers: each
 image's augmentation is seeded by (seed, epoch, index)). A non-finite loss stops the run with
 the step number before anything is written over the last good checkpoint. OUT/log.jsonl gets one line per
---log-every steps: loss, lr, weight decay, momentum, and the std across tokens of the target features and of the
-predictions (they fall toward 0 when the representation collapses; a warning is printed when the targets' std
-is below COLLAPSE_STD), and with --probe-every N the linear probe of probe.py (what the frozen context encoder's
-patch tokens know about the objects of the val split). --time MINUTES fits the run to a wall-clock budget.
+--log-every steps: loss, lr, weight decay, momentum, the share of hidden patches on a box, and the std across
+tokens of the target features and of the predictions (they fall toward 0 when the representation collapses; a
+warning is printed when the targets' std is below COLLAPSE_STD), and with --probe-every N the linear probe of
+probe.py (what the frozen context encoder's patch tokens know about the objects of the val split). --time MINUTES
+fits the run to a wall-clock budget.
 """
 import argparse
 import contextlib

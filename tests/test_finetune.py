@@ -223,7 +223,11 @@ def test_a_checkpoint_of_a_removed_option_names_it_and_the_commit_that_has_it(tm
           '--out', str(tmp_path / 'run')])
     ck = torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)
     assert load_detector(tmp_path / 'run' / 'best.pt', 'cpu')[0].fine == 16  # today's checkpoint loads
-    ck['args'].update(o2m=3, cls_loss='focal', ema=0.0)  # as an older run with the one-to-many head wrote it
+    ck['args'].update(max_filter=True, whiten=8, ema=0.0)  # as an older run with a max filter wrote it
     torch.save(ck, tmp_path / 'old.pt')
-    with pytest.raises(SystemExit, match=r'--o2m 3, --cls-loss focal: options removed .*git checkout d94a794b30'):
+    with pytest.raises(SystemExit, match=r'--max-filter True, --whiten 8: options removed .*git checkout d94a794b30'):
         load_detector(tmp_path / 'old.pt', 'cpu')
+    ck['args'].update(max_filter=False, whiten=0, o2m=3, cls_loss='focal', ema=0.999)  # training-only options:
+    ck['model'].update({'cls_o2m.weight': torch.zeros(1), 'box_o2m.bias': torch.zeros(1)})  # the weights load
+    torch.save(ck, tmp_path / 'old.pt')
+    assert load_detector(tmp_path / 'old.pt', 'cpu')[0].fine == 16
