@@ -41,6 +41,22 @@ def windows(length, size, gap):
     return sorted(set(starts))
 
 
+def rescale(img, rate):
+    """(H, W, 3) uint8 -> the image resized by `rate` (bicubic, as DOTA_devkit's split); at rate 1 the image itself."""
+    h, w = img.shape[:2]
+    return img if rate == 1 else np.asarray(Image.fromarray(img).resize((max(round(w * rate), 1),
+                                                                         max(round(h * rate), 1)), Image.BICUBIC))
+
+
+def cut(img, left, top, size):
+    """The window of side `size` at (left, top) as a full tile: (size, size, 3) uint8, zero-padded where it leaves
+    the image (border windows, images smaller than a tile) -> (tile, the image part (h', w', 3), a view)."""
+    crop = img[top:top + size, left:left + size]
+    tile = np.zeros((size, size, 3), np.uint8)
+    tile[:crop.shape[0], :crop.shape[1]] = crop
+    return tile, crop
+
+
 # ------------------------------------------------------------------------------------------------- splitting
 def split_image(job):
     """Cut one image (all rates). job: dict from `split`. -> (record list for the manifest, Problems, peak RSS MB)."""
@@ -56,8 +72,7 @@ def split_image(job):
         polys, labels, diff = load_labels(lbl_path, job['classes'], w0, h0, problems, kind='poly')
     records = []
     for rate in job['rates']:
-        scaled = img if rate == 1 else np.asarray(Image.fromarray(img).resize(
-            (max(round(w0 * rate), 1), max(round(h0 * rate), 1)), Image.BICUBIC))
+        scaled = rescale(img, rate)
         h, w = scaled.shape[:2]
         pts = (polys * rate).reshape(-1, 4, 2)
         area = polygon_area(pts)
@@ -71,9 +86,7 @@ def write_tile(img, pts, area, labels, diff, left, top, rate, stem, dst, job):
     """Write one tile image (+ label file) atomically; -> its manifest record."""
     size = job['size']
     name = f'{stem}__{rate:g}__{left}___{top}'
-    crop = img[top:top + size, left:left + size]
-    tile = np.zeros((size, size, 3), np.uint8)  # pad small images and the border windows to a full tile
-    tile[:crop.shape[0], :crop.shape[1]] = crop
+    tile, crop = cut(img, left, top, size)
     ext = '.jpg' if job['format'] == 'jpg' else '.png'
     tmp = dst / 'images' / f'.{name}{ext}.tmp'
     Image.fromarray(tile).save(tmp, format='JPEG' if ext == '.jpg' else 'PNG', quality=95)

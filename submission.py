@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from labels import LabelError, parse_label_file, parse_tile_name
-from obb import poly_iou_matrix
+from obb import polygon_iou
 
 COLUMNS = {1: 8, 2: 4}  # task -> box numbers per line
 EXAMPLE = {1: 'image score x1 y1 x2 y2 x3 y3 x4 y4', 2: 'image score x1 y1 x2 y2'}
@@ -116,27 +116,45 @@ def write_label_files(out_dir, dets, class_names, min_score, source):
 
 
 # ------------------------------------------------------------------------------------------------- merging
-def nms(boxes, scores, iou_thr):
+def nms(boxes, scores, iou_thr, chunk=1 << 22):
     """Exact greedy NMS (the sequential definition) without a loop over boxes: in rounds, a box is kept when no
     higher-scored box that is kept or still undecided overlaps it by more than iou_thr, and suppressed when a kept
     one does. The rounds are as many as the longest chain of overlaps (a few). boxes: (n, 4) xyxy, or polygons
-    (n, 8) compared by exact polygon IoU. -> kept indices, by score."""
+    (n, 8) compared by exact polygon IoU. The overlapping pairs are found in blocks of rows of about `chunk` pairs
+    and kept as a list, so that memory stays bounded for the 10^5 boxes of a large scene. -> kept indices, by score."""
     order = scores.argsort(descending=True, stable=True)
     b = boxes[order]
-    if b.shape[1] == 8:
-        iou = torch.from_numpy(poly_iou_matrix(b.numpy(), b.numpy()))
-    else:
-        lt, rb = torch.maximum(b[:, None, :2], b[None, :, :2]), torch.minimum(b[:, None, 2:], b[None, :, 2:])
-        inter = (rb - lt).clamp(min=0).prod(-1)
-        area = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
-        iou = inter / (area[:, None] + area[None] - inter).clamp(min=1e-9)
-    over = (iou > iou_thr).triu(1)  # over[i, j]: i > j
-    state = torch.zeros(len(b), dtype=torch.int8)  # 0 undecided, 1 kept, -1 suppressed
+    n, poly = len(b), b.shape[1] == 8
+    ext = torch.cat([b.view(n, -1, 2).amin(1), b.view(n, -1, 2).amax(1)], 1) if poly else b  # (n, 4) extents
+    area = (ext[:, 2:] - ext[:, :2]).clamp(min=0).prod(-1)
+    lo, hi = [], []  # pairs over the threshold: lo scored below hi
+    rows = max(1, chunk // max(n, 1))
+    for s in range(0, n, rows):  # rows s..e-1 against the boxes scored above them (columns 0..e-1)
+        e = min(n, s + rows)
+        lt = torch.maximum(ext[s:e, None, :2], ext[None, :e, :2])
+        rb = torch.minimum(ext[s:e, None, 2:], ext[None, :e, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)  # (e - s, e)
+        below = torch.arange(s, e)[:, None] > torch.arange(e)[None]  # (e - s, e): the column is scored higher
+        if poly:  # extents that meet -> exact polygon IoU (the lower-scored polygon clipped by the higher one)
+            i, j = torch.nonzero((inter > 0) & below, as_tuple=True)
+            i = i + s
+            iou = torch.from_numpy(polygon_iou(b[i].view(-1, 4, 2).numpy(), b[j].view(-1, 4, 2).numpy()))
+            i, j = i[iou > iou_thr], j[iou > iou_thr]
+        else:
+            iou = inter / (area[s:e, None] + area[None, :e] - inter).clamp(min=1e-9)
+            i, j = torch.nonzero((iou > iou_thr) & below, as_tuple=True)
+            i = i + s
+        lo.append(i)
+        hi.append(j)
+    lo, hi = torch.cat(lo + [torch.zeros(0, dtype=torch.long)]), torch.cat(hi + [torch.zeros(0, dtype=torch.long)])
+    state = torch.zeros(n, dtype=torch.int8)  # 0 undecided, 1 kept, -1 suppressed
     while (state == 0).any():
-        alive = (state >= 0).to(torch.int8)
-        blocked = (over.to(torch.int8) * alive[:, None]).any(0)  # a higher-scored kept/undecided box overlaps
+        blocked = torch.zeros(n, dtype=torch.bool)
+        blocked[lo[state[hi] >= 0]] = True  # a higher-scored kept/undecided box overlaps
         state[(state == 0) & ~blocked] = 1
-        state[(state == 0) & (over & (state == 1)[:, None]).any(0)] = -1
+        suppressed = torch.zeros(n, dtype=torch.bool)
+        suppressed[lo[state[hi] == 1]] = True
+        state[(state == 0) & suppressed] = -1
     return order[state == 1]
 
 

@@ -78,6 +78,24 @@ def test_nms_equals_the_sequential_greedy_definition():
         assert got == reference_nms(boxes, scores, 0.4)
 
 
+def test_nms_in_blocks_of_rows_and_on_polygons_equals_the_greedy_definition():
+    from obb import obb_to_poly, poly_iou_matrix
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        xy = rng.uniform(0, 60, (90, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (90, 2))], 1)
+        scores = rng.permutation(90) / 90
+        assert nms(torch.tensor(boxes), torch.tensor(scores), 0.4, chunk=300).tolist() == \
+            reference_nms(boxes, scores, 0.4)  # 3 rows per block
+        obb = np.concatenate([xy, rng.uniform(5, 30, (90, 2)), rng.uniform(-1.5, 1.5, (90, 1))], 1)
+        polys = obb_to_poly(obb).reshape(-1, 8)
+        iou, order, keep = poly_iou_matrix(polys, polys), np.argsort(-scores, kind='stable'), []
+        for i in order:
+            if all(iou[k, i] <= 0.3 for k in keep):  # the kept box clips the candidate, as nms does
+                keep.append(i)
+        assert nms(torch.tensor(polys), torch.tensor(scores), 0.3, chunk=500).tolist() == keep
+
+
 def test_merge_maps_tiles_back_and_removes_seam_duplicates():
     tiles = {  # the same object seen by two overlapping tiles, and one object at rate 0.5
         'P1__1__0___0': dets([[90, 10, 110, 30]], [0.9], [6]),

@@ -1,0 +1,100 @@
+"""One large scene, two ways: detect.py (tiles cut in memory) against prepare.py split + evaluate.py --merge.
+
+    python bench/detect_bench.py                      # a 4096 px synthetic scene, a random mini ViT/16 detector
+    python bench/detect_bench.py --scene-size 10240   # the peak memory of a 10,000 px class scene
+    python bench/detect_bench.py --ckpt runs/finetune/best.pt --scene-size 8192
+
+The scene is the project's synthetic ground and objects (prepare.synth_image, 2048 px, repeated to --scene-size),
+saved once as PNG. Both paths run as their own processes, one after the other, on the same scene, tile size (the
+checkpoint's --img-size), overlap and --conf: the split path writes the tiles to disk (JPEG, split's default, or
+--format png) and evaluates them with --merge; detect.py decodes the scene once and streams its tiles to the model.
+Printed: seconds and peak memory (max RSS) of each path, the ratio of their times (above 1: detect.py is faster),
+and whether their DOTA submission files agree (with --format png they are the same tiles, so the same text).
+Without --ckpt, a random-weight detector of the NWPU bench's shape (mini ViT/16, 512 px tiles) is saved to OUT;
+its scores are what random logits give, so --conf keeps the merge's box count moderate.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import finetune  # noqa: E402
+from labels import CLASSES  # noqa: E402
+from prepare import synth_image  # noqa: E402
+
+
+def timed(cmd, log):
+    """Run cmd (printed first) -> (seconds, peak RSS MB of the process tree's largest process)."""
+    print('$', ' '.join(str(c) for c in cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, 'w') as f:
+        p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)
+    if status:
+        raise SystemExit(f'failed: see {log}')
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--ckpt', default=None, help='a finetune.py checkpoint (default: a random mini ViT/16 detector)')
+    ap.add_argument('--scene-size', type=int, default=4096, help='side of the square scene, px (default: %(default)s)')
+    ap.add_argument('--gap', type=int, default=128, help='tile overlap, px (default: %(default)s)')
+    ap.add_argument('--conf', type=float, default=0.25, help='score floor of both paths (default: %(default)s)')
+    ap.add_argument('--format', choices=['jpg', 'png'], default='jpg', help="split's tile format (default: "
+                                                                              '%(default)s, its own default)')
+    ap.add_argument('--device', default='cpu', help='(default: %(default)s)')
+    ap.add_argument('--out', default='runs/detect_bench', help='work folder (default: %(default)s)')
+    args = ap.parse_args()
+    out = (ROOT / args.out).resolve()
+    (out / 'src' / 'images').mkdir(parents=True, exist_ok=True)
+    scene = out / 'src' / 'images' / f'scene{args.scene_size}.png'
+    if not scene.exists():
+        base = np.asarray(synth_image(np.random.default_rng(0), 2048, n_rows=150, n_single=1500)[0])
+        reps = -(-args.scene_size // 2048)
+        Image.fromarray(np.tile(base, (reps, reps, 1))[:args.scene_size, :args.scene_size]).save(scene)
+    ckpt = args.ckpt
+    if ckpt is None:
+        a = finetune.get_parser().parse_args(['--ckpt', 'none', '--model', 'mini', '--patch-size', '16',
+                                              '--img-size', '512'])
+        torch.manual_seed(0)
+        model = finetune.build(a)
+        a.num_queries = 1000
+        ckpt = out / 'random_mini.pt'
+        torch.save({'model': model.state_dict(), 'args': vars(a), 'class_names': CLASSES[a.classes]}, ckpt)
+    size = torch.load(ckpt, map_location='cpu', weights_only=True)['args']['img_size']
+    py, dev = sys.executable, ['--device', args.device]
+
+    t_det, m_det = timed([py, 'detect.py', scene, '--ckpt', ckpt, '--gap', args.gap, '--conf', args.conf,
+                          '--out', out / 'detect', *dev], out / 'detect.log')
+    tiles = out / 'tiles'
+    subprocess.run(['rm', '-rf', str(tiles)], check=True)
+    t_split, m_split = timed([py, 'prepare.py', 'split', '--src', out / 'src', '--dst', tiles / 'scene', '--size',
+                              size, '--gap', args.gap, '--format', args.format, '--images-only'], out / 'split.log')
+    t_eval, m_eval = timed([py, 'evaluate.py', '--ckpt', ckpt, '--data', tiles, '--split', 'scene', '--merge',
+                            '--conf', args.conf, '--out', out / 'merge', *dev], out / 'merge.log')
+    same = all((out / 'detect' / f.name).read_text() == f.read_text()
+               for f in sorted((out / 'merge' / 'submission').glob('Task*_*.txt')))
+    n_tiles = len(list((tiles / 'scene' / 'images').glob('*')))
+    print(f'\n{args.scene_size}^2 synthetic scene, {n_tiles} tiles of {size} px (gap {args.gap}), '
+          f'{Path(ckpt).name}, --conf {args.conf}, {args.device}, {torch.get_num_threads()} threads')
+    print(f'{"path":44s} {"seconds":>8s} {"peak MB":>8s}')
+    print(f'{"detect.py (in memory)":44s} {t_det:8.1f} {m_det:8.0f}')
+    print(f'{"prepare.py split --format " + args.format:44s} {t_split:8.1f} {m_split:8.0f}')
+    print(f'{"evaluate.py --merge":44s} {t_eval:8.1f} {m_eval:8.0f}')
+    print(f'{"split + merge":44s} {t_split + t_eval:8.1f} {max(m_split, m_eval):8.0f}')
+    print(f'ratio (split + merge) / detect.py: {(t_split + t_eval) / t_det:.2f}x; submission files identical: {same}'
+          + (' (JPEG tiles are not the scene\'s pixels: a difference is expected)' if not same and
+             args.format == 'jpg' else ''))
+
+
+if __name__ == '__main__':
+    main()
