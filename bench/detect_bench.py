@@ -1,8 +1,8 @@
 """One large scene, two ways: detect.py (tiles cut in memory) against prepare.py split + evaluate.py --merge.
 
-    python bench/detect_bench.py                      # a 4096 px synthetic scene, a random mini ViT/16 detector
+    bash demo.sh                                      # once: the demo's detector (runs/demo/finetune/best.pt)
+    python bench/detect_bench.py                      # a 4096 px synthetic scene
     python bench/detect_bench.py --scene-size 10240   # the peak memory of a 10,000 px class scene
-    python bench/detect_bench.py --ckpt runs/finetune/best.pt --scene-size 8192
 
 The scene is the project's synthetic ground and objects (prepare.synth_image, 2048 px, repeated to --scene-size),
 saved once as PNG. Both paths run as their own processes, one after the other, on the same scene, tile size (the
@@ -10,8 +10,7 @@ checkpoint's --img-size), overlap and --conf: the split path writes the tiles to
 --format png) and evaluates them with --merge; detect.py decodes the scene once and streams its tiles to the model.
 Printed: seconds and peak memory (max RSS) of each path, the ratio of their times (above 1: detect.py is faster),
 and whether their DOTA submission files agree (with --format png they are the same tiles, so the same text).
-Without --ckpt, a random-weight detector of the NWPU bench's shape (mini ViT/16, 512 px tiles) is saved to OUT;
-its scores are what random logits give, so --conf keeps the merge's box count moderate.
+The detector: the demo's (trained on the same synthetic objects, 128 px tiles) or --ckpt.
 """
 import argparse
 import os
@@ -26,8 +25,6 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import finetune  # noqa: E402
-from labels import CLASSES  # noqa: E402
 from prepare import synth_image  # noqa: E402
 
 
@@ -45,9 +42,11 @@ def timed(cmd, log):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--ckpt', default=None, help='a finetune.py checkpoint (default: a random mini ViT/16 detector)')
+    ap.add_argument('--ckpt', default='runs/demo/finetune/best.pt', help='a finetune.py checkpoint (default: '
+                    "the demo's, from bash demo.sh)")
     ap.add_argument('--scene-size', type=int, default=4096, help='side of the square scene, px (default: %(default)s)')
-    ap.add_argument('--gap', type=int, default=128, help='tile overlap, px (default: %(default)s)')
+    ap.add_argument('--gap', type=int, default=None, help='tile overlap, px (default: a quarter of the tile, as '
+                                                          'detect.py)')
     ap.add_argument('--conf', type=float, default=0.25, help='score floor of both paths (default: %(default)s)')
     ap.add_argument('--format', choices=['jpg', 'png'], default='jpg', help="split's tile format (default: "
                                                                               '%(default)s, its own default)')
@@ -61,16 +60,11 @@ def main():
         base = np.asarray(synth_image(np.random.default_rng(0), 2048, n_rows=150, n_single=1500)[0])
         reps = -(-args.scene_size // 2048)
         Image.fromarray(np.tile(base, (reps, reps, 1))[:args.scene_size, :args.scene_size]).save(scene)
-    ckpt = args.ckpt
-    if ckpt is None:
-        a = finetune.get_parser().parse_args(['--ckpt', 'none', '--model', 'mini', '--patch-size', '16',
-                                              '--img-size', '512'])
-        torch.manual_seed(0)
-        model = finetune.build(a)
-        a.num_queries = 1000
-        ckpt = out / 'random_mini.pt'
-        torch.save({'model': model.state_dict(), 'args': vars(a), 'class_names': CLASSES[a.classes]}, ckpt)
+    ckpt = (ROOT / args.ckpt).resolve()
+    if not ckpt.exists():
+        raise SystemExit(f'{ckpt} not found: run bash demo.sh first, or pass --ckpt')
     size = torch.load(ckpt, map_location='cpu', weights_only=True)['args']['img_size']
+    args.gap = size // 4 if args.gap is None else args.gap
     py, dev = sys.executable, ['--device', args.device]
 
     t_det, m_det = timed([py, 'detect.py', scene, '--ckpt', ckpt, '--gap', args.gap, '--conf', args.conf,

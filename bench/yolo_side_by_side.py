@@ -147,7 +147,7 @@ def main():
     print(f'{"row":36s}' + ''.join(f'{c:>20s}' for c in cols))
     for r in rows + [{'row': 'project / YOLOv8n', **{c: rows[1][c] / rows[0][c] if rows[0][c] else float('nan')
                                                       for c in cols}}]:
-        print(f'{r["row"]:36s}' + ''.join(f'{r[c]:20.3f}' for c in cols))
+        print(f'{r["row"]:36s}' + ''.join(f'{r[c]:20d}' if isinstance(r[c], int) else f'{r[c]:20.3f}' for c in cols))
     (out / 'results.json').write_text(json.dumps(rows, indent=2))
 
 
