@@ -196,7 +196,8 @@ def get_parser():
     ap.add_argument('--ckpt', required=True, help='a finetune.py checkpoint')
     ap.add_argument('--out', default='runs/detect', help='output folder (default: %(default)s)')
     ap.add_argument('--size', type=int, default=None, help="tile side in pixels (default: the checkpoint's "
-                                                           'training --img-size)')
+                    'training --img-size; a model trained on crops of larger tiles, as the DOTA recipe\'s 512 px crops '
+                    'of 1024 px tiles, may take the tile size: --size 1024)')
     ap.add_argument('--gap', type=int, default=None, help='overlap of neighbouring tiles, px (default: a quarter '
                                                           'of --size)')
     ap.add_argument('--rates', type=float, nargs='+', default=[1.0], help='scales to run the scene at, as '
@@ -263,7 +264,10 @@ def main(argv=None):
     skipped += [r['skipped'] for r in records if 'skipped' in r]
     (out / 'results.json').write_text(json.dumps(results))
     task = write_submission(out, merged_all, class_names)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:  # the high-water mark of this process's own memory (ru_maxrss also counts what a parent had at fork)
+        peak = int(next(line for line in open('/proc/self/status') if line.startswith('VmHWM')).split()[1]) / 1024
+    except (OSError, StopIteration):  # not Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** (2 if sys.platform == 'darwin' else 1)
     print(f'{len(merged_all)} scenes, {sum(len(r["tiles"]) for r in records if "skipped" not in r)} tiles of '
           f'{size} px (gap {gap}, rates {" ".join(f"{r:g}" for r in args.rates)}), {len(results)} detections '
           f'scoring >= {args.conf:g} in {time.time() - t0:.1f} s; peak memory {peak:.0f} MB\n'

@@ -8,12 +8,11 @@ The scene is the project's synthetic ground and objects (prepare.synth_image, 20
 saved once as PNG. Both paths run as their own processes, one after the other, on the same scene, tile size (the
 checkpoint's --img-size), overlap and --conf: the split path writes the tiles to disk (JPEG, split's default, or
 --format png) and evaluates them with --merge; detect.py decodes the scene once and streams its tiles to the model.
-Printed: seconds and peak memory (max RSS) of each path, the ratio of their times (above 1: detect.py is faster),
+Printed: seconds and peak memory (the high-water mark of resident memory) of each step, the ratio of their times (above 1: detect.py is faster),
 and whether their DOTA submission files agree (with --format png they are the same tiles, so the same text).
 The detector: the demo's (trained on the same synthetic objects, 128 px tiles) or --ckpt.
 """
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -28,16 +27,21 @@ sys.path.insert(0, str(ROOT))
 from prepare import synth_image  # noqa: E402
 
 
+# Runs a script as __main__ and then writes its peak memory: VmHWM, the high-water mark of the memory map that exec
+# gave it (ru_maxrss would also count the RSS of this benchmark, the process it was forked from)
+PEAK = ("import atexit, runpy, sys; out = sys.argv.pop(1); sys.argv = sys.argv[1:]; atexit.register(lambda: open(out, "
+        "'w').write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])); "
+        "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def timed(cmd, log):
-    """Run cmd (printed first) -> (seconds, peak RSS MB of the process tree's largest process)."""
-    print('$', ' '.join(str(c) for c in cmd), flush=True)
+    """Run a script command (printed first) -> (seconds, its peak memory in MB)."""
+    print('$ python', ' '.join(str(c) for c in cmd), flush=True)
     t0 = time.perf_counter()
     with open(log, 'w') as f:
-        p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(p.pid, 0)
-    if status:
-        raise SystemExit(f'failed: see {log}')
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+        subprocess.run([sys.executable, '-c', PEAK, f'{log}.peak', *[str(c) for c in cmd]], cwd=ROOT, stdout=f,
+                       stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - t0, int(Path(f'{log}.peak').read_text()) / 1024
 
 
 def main():
@@ -65,15 +69,15 @@ def main():
         raise SystemExit(f'{ckpt} not found: run bash demo.sh first, or pass --ckpt')
     size = torch.load(ckpt, map_location='cpu', weights_only=True)['args']['img_size']
     args.gap = size // 4 if args.gap is None else args.gap
-    py, dev = sys.executable, ['--device', args.device]
+    dev = ['--device', args.device]
 
-    t_det, m_det = timed([py, 'detect.py', scene, '--ckpt', ckpt, '--gap', args.gap, '--conf', args.conf,
+    t_det, m_det = timed(['detect.py', scene, '--ckpt', ckpt, '--gap', args.gap, '--conf', args.conf,
                           '--out', out / 'detect', *dev], out / 'detect.log')
     tiles = out / 'tiles'
     subprocess.run(['rm', '-rf', str(tiles)], check=True)
-    t_split, m_split = timed([py, 'prepare.py', 'split', '--src', out / 'src', '--dst', tiles / 'scene', '--size',
+    t_split, m_split = timed(['prepare.py', 'split', '--src', out / 'src', '--dst', tiles / 'scene', '--size',
                               size, '--gap', args.gap, '--format', args.format, '--images-only'], out / 'split.log')
-    t_eval, m_eval = timed([py, 'evaluate.py', '--ckpt', ckpt, '--data', tiles, '--split', 'scene', '--merge',
+    t_eval, m_eval = timed(['evaluate.py', '--ckpt', ckpt, '--data', tiles, '--split', 'scene', '--merge',
                             '--conf', args.conf, '--out', out / 'merge', *dev], out / 'merge.log')
     same = all((out / 'detect' / f.name).read_text() == f.read_text()
                for f in sorted((out / 'merge' / 'submission').glob('Task*_*.txt')))
@@ -82,7 +86,7 @@ def main():
           f'{Path(ckpt).name}, --conf {args.conf}, {args.device}, {torch.get_num_threads()} threads')
     print(f'{"path":44s} {"seconds":>8s} {"peak MB":>8s}')
     print(f'{"detect.py (in memory)":44s} {t_det:8.1f} {m_det:8.0f}')
-    print(f'{"prepare.py split --format " + args.format:44s} {t_split:8.1f} {m_split:8.0f}')
+    print(f'{"prepare.py split --format " + args.format:44s} {t_split:8.1f} {m_split:8.0f}  (its workers: split.log)')
     print(f'{"evaluate.py --merge":44s} {t_eval:8.1f} {m_eval:8.0f}')
     print(f'{"split + merge":44s} {t_split + t_eval:8.1f} {max(m_split, m_eval):8.0f}')
     print(f'ratio (split + merge) / detect.py: {(t_split + t_eval) / t_det:.2f}x; submission files identical: {same}'
