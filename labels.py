@@ -24,6 +24,7 @@ CLASSES = {'dota1.0': DOTA_V1,
            'dota2.0': DOTA_V1 + ['container-crane', 'airport', 'helipad']}
 IMG_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
+STRIPS_ABOVE, STRIP = 4096 * 4096, 1024  # pixels: read_image copies larger images out of Pillow in strips of rows
 Image.MAX_IMAGE_PIXELS = 30000 * 30000  # deliberately above Pillow's 89 Mpx bomb guard: DOTA v2.0 has 20,000^2 images
 
 
@@ -138,6 +139,12 @@ def read_image(path, header_only=False):
             if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
                 a = (np.asarray(im, np.float64) / 257).clip(0, 255).round().astype(np.uint8)
                 return np.repeat(a[..., None], 3, 2)
-            return np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))  # read-only; never written to
+            rgb = im if im.mode == 'RGB' else im.convert('RGB')
+            if rgb.width * rgb.height <= STRIPS_ABOVE:
+                return np.asarray(rgb)  # read-only; never written to
+            out = np.empty((rgb.height, rgb.width, 3), np.uint8)  # a large scene, copied in strips: np.asarray
+            for y in range(0, rgb.height, STRIP):  # would hold two more copies of it at once (tobytes' chunks, joined)
+                out[y:y + STRIP] = np.asarray(rgb.crop((0, y, rgb.width, min(y + STRIP, rgb.height))))
+            return out
     except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for missing, truncated or corrupt files
         raise ValueError(f'{path}: cannot read the image ({e})') from None

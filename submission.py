@@ -116,12 +116,13 @@ def write_label_files(out_dir, dets, class_names, min_score, source):
 
 
 # ------------------------------------------------------------------------------------------------- merging
-def nms(boxes, scores, iou_thr, chunk=1 << 22):
+def nms(boxes, scores, iou_thr, chunk=1 << 20):
     """Exact greedy NMS (the sequential definition) without a loop over boxes: in rounds, a box is kept when no
     higher-scored box that is kept or still undecided overlaps it by more than iou_thr, and suppressed when a kept
     one does. The rounds are as many as the longest chain of overlaps (a few). boxes: (n, 4) xyxy, or polygons
     (n, 8) compared by exact polygon IoU. The overlapping pairs are found in blocks of rows of about `chunk` pairs
-    and kept as a list, so that memory stays bounded for the 10^5 boxes of a large scene. -> kept indices, by score."""
+    (~100 bytes of temporaries each) and kept as a list, so that memory stays bounded for the 10^5 boxes of a large
+    scene. -> kept indices, by score."""
     order = scores.argsort(descending=True, stable=True)
     b = boxes[order]
     n, poly = len(b), b.shape[1] == 8

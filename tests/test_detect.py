@@ -80,6 +80,19 @@ def test_a_large_scene_is_drawn_downscaled_and_runs_in_bounded_batches(tmp_path,
         assert im.size == (200, 200)  # reduced by 3, the smallest integer factor that fits 256
 
 
+def test_a_large_image_is_read_in_strips_to_the_same_pixels(tmp_path, monkeypatch):
+    import labels
+    img = scene(6, 300)[:, :250]
+    Image.fromarray(img).save(tmp_path / 'rgb.png')
+    Image.fromarray(img).convert('P').save(tmp_path / 'palette.png')
+    small = {n: labels.read_image(tmp_path / f'{n}.png') for n in ('rgb', 'palette')}
+    monkeypatch.setattr(labels, 'STRIPS_ABOVE', 100)  # every image here is "large"
+    monkeypatch.setattr(labels, 'STRIP', 64)  # 300 rows: 5 strips, the last one short
+    for n in ('rgb', 'palette'):
+        np.testing.assert_array_equal(labels.read_image(tmp_path / f'{n}.png'), small[n])
+    np.testing.assert_array_equal(small['rgb'], img)
+
+
 def png16_rgb(path, w=4, h=3):
     """A 16-bit RGB PNG written by hand (Pillow cannot write one; it reads one as 8-bit by dropping the low byte)."""
     def chunk(kind, data):
