@@ -2,15 +2,9 @@
 
     ViT tokens (stride = patch size) -> neck (ViTDet-style upsampling) -> a map at `stride` (the patch size by default)
        + spatial_prior: a small CNN's map of the pixels at the same stride, for detail finer than a patch
-       + fine: a second map at stride / 2 for the objects smaller than `fine` px (dense head only)
-    -> encoder stage: at every cell, class scores and a box (dense; trained one-to-one on its own)
-    -> the top-K cells by score become queries (RT-DETR / DINO two-stage query selection)
-    -> `dec_layers` decoder layers (self-attention among queries, cross-attention to the map, FFN), each refining
-       the boxes of the layer before and correcting the class scores of the cell it started from (zero at the
-       start: the decoder begins as the dense stage and learns what that cannot, e.g. that a neighbouring query
-       already claims the object); the last layer is the output.
-With dec_layers = 0 the dense encoder stage is the output (the fallback and an ablation). No NMS inside a tile:
-one-to-one matching teaches the model not to predict an object twice.
+       + fine: a second map at stride / 2 for the objects smaller than `fine` px
+    -> at every cell, class scores and a box (dense), trained one-to-one (matcher.py); the cells are the output.
+No NMS inside a tile: one-to-one matching teaches the model not to predict an object twice.
 Boxes are axis-aligned (x1, y1, x2, y2), or with obb=True oriented (cx, cy, w, h, theta) as obb.py defines them;
 their overlap in the matching cost and the loss (matcher.py) is then ProbIoU, not GIoU.
 """
@@ -18,48 +12,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from obb import wrap_angle
-
-def sincos(v, dim):
-    """Sinusoidal features of coordinates v (..., n) -> (..., n * dim / n), dim / (2n) frequencies per coordinate."""
-    k = dim // (2 * v.shape[-1])
-    omega = 1.0 / 100 ** (torch.arange(k, device=v.device, dtype=torch.float32) / k)  # (k,) periods 1..100 cells
-    a = v.float()[..., None] * omega  # (..., n, k)
-    return torch.cat([a.sin(), a.cos()], -1).flatten(-2)
-
-
-class MultiheadAttention(nn.Module):
-    """Attention of queries (B, Nq, D) over keys (B, Nk, D) and values (B, Nk, D) via SDPA."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, q, k, v):
-        B, Nq, D = q.shape
-        split = lambda x: x.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731 (B, h, N, d)
-        x = F.scaled_dot_product_attention(split(self.q(q)), split(self.k(k)), split(self.v(v)))  # (B, h, Nq, d)
-        return self.proj(x.transpose(1, 2).reshape(B, Nq, D))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm: self-attention among the queries, cross-attention to the feature map, FFN. Positions enter the
-    queries and keys only (DETR's rule), as sinusoids of the reference boxes and of the cell centres."""
-
-    def __init__(self, dim, heads, mlp_ratio=4):
-        super().__init__()
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
-        self.self_attn, self.cross_attn = MultiheadAttention(dim, heads), MultiheadAttention(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
-
-    def forward(self, q, q_pos, mem, mem_pos):  # q (B, K, D), q_pos (B, K, D), mem (B, M, D), mem_pos (M, D)
-        h = self.norm1(q)
-        q = q + self.self_attn(h + q_pos, h + q_pos, h)
-        q = q + self.cross_attn(self.norm2(q) + q_pos, mem + mem_pos, mem)
-        return q + self.mlp(self.norm3(q))
 
 
 class SpatialPrior(nn.Module):
@@ -85,32 +39,28 @@ class SpatialPrior(nn.Module):
 
 
 class Detector(nn.Module):
-    """ViT backbone -> `stride` map -> dense encoder stage -> top-K queries -> `dec_layers` decoder layers.
+    """ViT backbone -> `stride` map (+ a `fine` map at stride / 2) -> class scores and a box at every cell.
 
-    Boxes of the encoder stage are decoded from the cell centre c and outputs (dx, dy, dw, dh) as centre
+    Boxes are decoded from the cell centre c and outputs (dx, dy, dw, dh) as centre
     c + (dx, dy) * stride and size exp(dw, dh) * stride: a cell may claim an object whose centre lies in a
     neighbouring cell (several small objects sharing a cell), and a 6 px car whose box holds no cell centre is still
-    a valid target (distances to the four sides would have to go negative). Each decoder layer refines its
-    reference box b = (cx, cy, w, h) by (cx, cy) += (dx, dy) * (w, h), (w, h) *= exp(dw, dh); the reference passed
-    to the next layer is detached (Deformable DETR's iterative refinement).
+    a valid target (distances to the four sides would have to go negative).
     obb=True: the cell also predicts (u, v), and theta = atan2(v, 1 + u) / 2 (0 at the start, when both are 0): a
-    direction of 2 theta, continuous across the +-pi/2 boundary; each decoder layer adds a predicted turn to the
-    angle of its reference box, and its query position also encodes the reference angle.
-    fine=T > 0 (dense head only): a second level at stride / 2, half the head's width, with its own pixel detail
+    direction of 2 theta, continuous across the +-pi/2 boundary.
+    fine=T > 0: a second level at stride / 2, half the head's width, with its own pixel detail
     (a SpatialPrior at its stride) and its own class and box convolutions; its cells may only be matched to objects
     under T px (longer side), the coarse level's to the rest (matcher.py). Both levels' cells form one output.
     """
 
-    def __init__(self, backbone, num_classes, head_dim=128, stride=None, dec_layers=0, num_queries=1000, heads=4,
-                 obb=False, spatial_prior=True, fine=None):
-        """Defaults are finetune.py's: stride None = the patch size; fine None = 2 x the stride where the head allows
-        a second map (dec_layers 0, stride >= 8), else 0."""
+    def __init__(self, backbone, num_classes, head_dim=128, stride=None, obb=False, spatial_prior=True, fine=None):
+        """Defaults are finetune.py's: stride None = the patch size; fine None = 2 x the stride where a second map
+        is allowed (stride >= 8), else 0."""
         super().__init__()
-        self.backbone, self.num_classes, self.num_queries, self.obb = backbone, num_classes, num_queries, obb
+        self.backbone, self.num_classes, self.obb = backbone, num_classes, obb
         p, c, layers = backbone.patch_size, backbone.dim, []
         stride = stride or p
         if fine is None:
-            fine = 0 if dec_layers or stride < 8 else 2 * stride
+            fine = 0 if stride < 8 else 2 * stride
         self.fine = fine
         if stride > p or p % stride or (p // stride) & (p // stride - 1):
             raise ValueError(f'stride {stride} must be the patch size {p} divided by a power of 2')
@@ -123,22 +73,9 @@ class Detector(nn.Module):
         self.prior = SpatialPrior(self.stride, head_dim) if spatial_prior else None
         self.cls = nn.Conv2d(head_dim, num_classes, 3, padding=1)
         self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
-        if dec_layers:  # (only then: DDP requires every parameter to take part in the loss)
-            self.query = nn.Sequential(nn.Linear(head_dim, head_dim), nn.LayerNorm(head_dim))  # cell feature -> query
-            # the dense stage's class scores -> query content: the scores each layer corrects must be visible to the
-            # self-attention to be corrected by it ("a neighbour holds the same box at a higher score": Relation
-            # Networks' duplicate removal reads the score's rank the same way)
-            self.score_in = nn.Linear(num_classes, head_dim)
-            self.size_pos = nn.Linear(head_dim // 2, head_dim // 2)  # sinusoids of log (w, h) -> half a query position
-        self.layers = nn.ModuleList(DecoderLayer(head_dim, heads) for _ in range(dec_layers))
-        self.dec_cls = nn.ModuleList(nn.Linear(head_dim, num_classes) for _ in range(dec_layers))
-        self.dec_box = nn.ModuleList(nn.Sequential(nn.Linear(head_dim, head_dim), nn.GELU(),
-                                                   nn.Linear(head_dim, 5 if obb else 4)) for _ in range(dec_layers))
-        if obb and dec_layers:  # (cos 2 theta, sin 2 theta) of the reference -> added to the size half of q_pos
-            self.angle_pos = nn.Linear(2, head_dim // 2)
         if fine:  # ViTDet's simple pyramid, one more step (its P2): half the width, 4x the cells
-            if dec_layers or self.stride < 8:
-                raise ValueError('fine: the dense head alone (dec_layers=0) at stride >= 8')
+            if self.stride < 8:
+                raise ValueError('fine: a second map needs stride >= 8')
             d = head_dim // 2
             self.fine_up = nn.Sequential(nn.ConvTranspose2d(head_dim, d, 2, 2), nn.GroupNorm(8, d), nn.GELU())
             self.fine_prior = SpatialPrior(self.stride // 2, d) if spatial_prior else None
@@ -148,14 +85,13 @@ class Detector(nn.Module):
         prior = -math.log(99)  # probability 0.01 at the start: the focal loss starts stable
         for m in [self.cls] + ([self.cls_fine] if fine else []):
             nn.init.constant_(m.bias, prior)
-        for m in [self.box, *self.dec_cls, *(b[-1] for b in self.dec_box)] + ([self.box_fine] if fine else []):
-            nn.init.zeros_(m.weight)  # the cell / ref box
+        for m in [self.box] + ([self.box_fine] if fine else []):
+            nn.init.zeros_(m.weight)  # the cell's own box at the start
             nn.init.zeros_(m.bias)
 
     def dense(self, f, cls, box, stride=None):
         """One dense stage on the map f (B, Dh, h, w) at `stride` (default: the map's) with its class and box
-        convolutions -> (output dict: logits (B, M, C), boxes (B, M, 4 | 5), centres, stride; and the decoded
-        (cxcy, wh, theta or None), each (B, M, .))"""
+        convolutions -> dict: logits (B, M, C), boxes (B, M, 4 | 5), centres (B, M, 2), stride."""
         stride = stride or self.stride
         h, w = f.shape[-2:]
         ys, xs = torch.meshgrid(torch.arange(h, device=f.device), torch.arange(w, device=f.device), indexing='ij')
@@ -167,8 +103,7 @@ class Detector(nn.Module):
         wh = d[..., 2:4].clamp(-4, 7).exp() * stride
         theta = torch.atan2(d[..., 5], 1 + d[..., 4])[..., None] / 2 if self.obb else None  # (B, M, 1)
         boxes = torch.cat([cxcy, wh, theta], -1) if self.obb else torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
-        out = {'logits': logits, 'boxes': boxes, 'centres': centres.expand(len(f), -1, -1), 'stride': stride}
-        return out, (cxcy, wh, theta)
+        return {'logits': logits, 'boxes': boxes, 'centres': centres.expand(len(f), -1, -1), 'stride': stride}
 
     def fine_level(self, f, x, coarse):
         """The stride / 2 level from the coarse map f (B, Dh, h, w) and pixels x, joined to the coarse level's
@@ -178,7 +113,7 @@ class Detector(nn.Module):
         if self.fine_prior is not None:
             f2 = f2 + self.fine_prior(x)
         f2 = self.fine_conv(f2)
-        fine = self.dense(f2, self.cls_fine, self.box_fine, stride=self.stride // 2)[0]
+        fine = self.dense(f2, self.cls_fine, self.box_fine, stride=self.stride // 2)
         M, M2 = coarse['logits'].shape[1], fine['logits'].shape[1]
         out = {k: torch.cat([coarse[k], fine[k]], 1) for k in ('logits', 'boxes', 'centres')}
         counts = torch.tensor([M, M2], device=x.device)  # coarse cells first, then fine ones
@@ -191,9 +126,8 @@ class Detector(nn.Module):
         """x (B, 3, H, W) normalized; offset (B, 2) or None: where each crop starts in its tile, in patches (the
         ViT's positions; data.py's 'origin') -> dict: logits (B, K, C), boxes (B, K, 4) xyxy px (obb: (B, K, 5) cx,
         cy, w, h, theta; theta unwrapped, postprocess wraps it), centres (B, K, 2) (the cell each prediction started
-        from), stride; with decoder layers also 'aux' (the earlier layers' outputs) and 'dense' (the encoder stage,
-        all M cells). Without, K = M and the encoder stage is the output. With fine: the cells of both levels,
-        'stride' (M,) and 'claim' (M, 2) (fine_level)."""
+        from), stride; K = M, every cell. With fine: the cells of both levels, 'stride' (M,) and 'claim' (M, 2)
+        (fine_level)."""
         B, _, H, W = x.shape
         p = self.backbone.patch_size
         f = self.backbone(x, offset=offset)  # (B, N, D)
@@ -201,38 +135,8 @@ class Detector(nn.Module):
         f = self.neck(f)  # (B, Dh, h, w), h = H / stride
         if self.prior is not None:
             f = f + self.prior(x)  # (B, Dh, h, w): each cell's own local detail
-        dense, (cxcy, wh, theta) = self.dense(f, self.cls, self.box)
-        if self.fine:
-            return self.fine_level(f, x, dense)
-        if not self.layers:
-            return dense
-        # query selection: the K cells whose best class score is highest; their features and boxes start the decoder
-        mem = f.flatten(2).transpose(1, 2)  # (B, M, Dh)
-        K = min(self.num_queries, mem.shape[1])
-        idx = dense['logits'].detach().amax(-1).topk(K, dim=1).indices  # (B, K)
-        take = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731 (B, M, n) -> (B, K, n)
-        base = take(dense['logits']).detach()  # (B, K, C): each layer's class logits are base + a learned correction
-        q = self.query(take(mem)) + self.score_in(base.sigmoid().to(mem.dtype))  # (B, K, Dh)
-        ref = torch.cat([take(cxcy), take(wh)] + ([take(theta)] if self.obb else []), -1).detach()  # (B, K, 4|5)
-        start = take(dense['centres'])  # (B, K, 2) the cells the queries come from: the matcher's centre prior
-        grid = dense['centres'][0] / self.stride - 0.5  # (M, 2) cell coordinates, the units of q_pos below
-        mem_pos = torch.cat([sincos(grid, mem.shape[-1] // 2), torch.zeros_like(mem[0, :, mem.shape[-1] // 2:])], -1)
-        outs = []
-        for layer, cls_head, box_head in zip(self.layers, self.dec_cls, self.dec_box):
-            size_pos = self.size_pos(sincos(torch.log(ref[..., 2:4] / self.stride), q.shape[-1] // 2))
-            if self.obb:
-                size_pos = size_pos + self.angle_pos(torch.cat([torch.cos(2 * ref[..., 4:]),
-                                                                torch.sin(2 * ref[..., 4:])], -1))
-            q_pos = torch.cat([sincos(ref[..., :2] / self.stride - 0.5, q.shape[-1] // 2), size_pos], -1)  # grid units
-            q = layer(q, q_pos.to(q.dtype), mem, mem_pos)
-            dd = box_head(q).float()  # (B, K, 4 | 5)
-            c2 = ref[..., :2] + dd[..., :2] * ref[..., 2:4]
-            s2 = ref[..., 2:4] * dd[..., 2:4].clamp(-4, 4).exp()
-            box = torch.cat([c2, s2, ref[..., 4:] + dd[..., 4:]], -1) if self.obb else \
-                torch.cat([c2 - s2 / 2, c2 + s2 / 2], -1)
-            outs.append({'logits': base + cls_head(q), 'boxes': box, 'centres': start, 'stride': self.stride})
-            ref = (box if self.obb else torch.cat([c2, s2], -1)).detach()
-        return {**outs[-1], 'aux': outs[:-1], 'dense': dense}
+        dense = self.dense(f, self.cls, self.box)
+        return self.fine_level(f, x, dense) if self.fine else dense
 
 
 def outside_cell(out, margin):

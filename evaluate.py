@@ -277,7 +277,8 @@ def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_d
 # Options of finetune.py that changed the model itself, measured and removed (RESULTS.md, "tried and removed"): a
 # checkpoint trained with one of them cannot be rebuilt here; `git checkout d94a794b30` has them. (The removed
 # training-only options, e.g. --ema, --o2m or --cls-loss, left weights that today's Detector loads as they are.)
-REMOVED = {'max_filter': False, 'peak_filter': False, 'whiten': 0}
+REMOVED = {'max_filter': False, 'peak_filter': False, 'whiten': 0, 'dec_layers': 0}
+LAST_HELD = {'dec_layers': 'a60b129'}  # removed later than the others (default: d94a794b30)
 
 
 def load_detector(path, device):
@@ -287,14 +288,14 @@ def load_detector(path, device):
     a = ckpt['args']
     gone = {k: a[k] for k, v in REMOVED.items() if a.get(k, v) != v}
     if gone:
+        commit = LAST_HELD.get(next(iter(gone)), 'd94a794b30')
         raise SystemExit(f'{path} was trained with ' + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in
                                                                 gone.items()) +
-                         ': options removed after measuring them (RESULTS.md, "tried and removed"); '
-                         '`git checkout d94a794b30` evaluates it')
+                         f': options removed after measuring them (RESULTS.md, "tried and removed"); '
+                         f'`git checkout {commit}` evaluates it')
     model = Detector(build_vit(a['model'], a['patch_size']), len(ckpt['class_names']), a['head_dim'],
-                     a.get('stride', 8), a.get('dec_layers', 0), a.get('num_queries', 1000),
-                     obb=a.get('boxes', 'hbb') == 'obb', spatial_prior=a.get('spatial_prior', False),
-                     fine=a.get('fine', 0))
+                     a.get('stride', 8), obb=a.get('boxes', 'hbb') == 'obb',
+                     spatial_prior=a.get('spatial_prior', False), fine=a.get('fine', 0))
     own = model.state_dict()  # not needed to predict: the training-only one-to-many head (--o2m, removed) and, in
     # checkpoints before 2026-11-30, a dense-only model's unused query layers
     model.load_state_dict({k: v for k, v in ckpt['model'].items() if k in own or

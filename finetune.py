@@ -4,11 +4,9 @@
     python finetune.py --ckpt none --model mini --patch-size 8 ...      # from scratch, the baseline
 
 The detector (detector.Detector) predicts a box and class scores at every cell of a map at the patch's stride and,
-for the objects under two of its cells (--fine), of a map at half that stride (the dense one-to-one head: the
-default); with --dec-layers N (then one map) it also turns the top-K cells into queries and refines them with a
-small transformer decoder. Training matches each ground-truth box to exactly one prediction per stage
-(matcher.MinCostMatcher); no NMS at inference.
-The defaults (dense head, the two levels, the spatial prior, a matcher that prefers the cell nearest each object's
+for the objects under two of its cells (--fine), of a map at half that stride. Training matches each ground-truth
+box to exactly one prediction (matcher.MinCostMatcher); no NMS at inference.
+The defaults (the two levels, the spatial prior, a matcher that prefers the cell nearest each object's
 centre, lr 5e-4, varifocal loss) are the recipe measured best on NWPU VHR-10 val and, for tiny objects, on the
 synthetic set (RESULTS.md; what lost there is in its "tried and removed" table).
 OUT/results.csv gets one line per epoch (losses, lr, val mAP50 and mAP50-95, seconds) and, with matplotlib
@@ -92,11 +90,7 @@ def get_parser():
                     "the head's width, its own pixel detail) for the objects under T px (longer side); the --stride "
                     'map keeps the rest; 0 = one map. NWPU VHR-10 val at a quarter of the labels, patch 16: mAP50 '
                     '0.265 vs 0.189 for one stride-8 map; synthetic tiny objects, patch 8: 0.911 vs 0.814 without '
-                    '(RESULTS.md). Needs the dense head alone at --stride 8 or coarser (default: 2 x --stride; 0 '
-                    'where the head does not allow it)')
-    ap.add_argument('--dec-layers', type=int, default=0, help='decoder layers after the top-K query selection; 0 = '
-                    'the dense one-to-one head alone, which learned faster on NWPU VHR-10 val (RESULTS.md) '
-                    '(default: %(default)s)')
+                    '(RESULTS.md). Needs --stride 8 or coarser (default: 2 x --stride; 0 at --stride 4)')
     ap.add_argument('--ring-boxes', type=float, default=1.0, help='W > 0: the other cells of each object\'s centre '
                     'region also regress its box, W x the box loss averaged over them, so that they point at the '
                     'object\'s centre outside them (for --centre-gate; matcher.detection_loss w_ring; with --fine, on '
@@ -110,8 +104,6 @@ def get_parser():
                     help='add a small CNN\'s map of the pixels (3x3 stride-2 convolutions down to --stride) to the '
                     'neck\'s output: local detail for objects smaller than a patch (detector.SpatialPrior; NWPU val, '
                     '20 epochs: mAP50 0.277 vs 0.233 without, at 1.2x the time per epoch) (default: on)')
-    ap.add_argument('--num-queries', type=int, default=0, help='K, the cells that become queries; 0 = max(1000, '
-                    '1.2 x the most objects in a training image) (default: %(default)s)')
     ap.add_argument('--eval-every', type=int, default=5, help='evaluate on val every N epochs and at the end '
                                                               '(default: %(default)s)')
     ap.add_argument('--conf', type=float, default=0.001, help='score floor at evaluation (default: %(default)s)')
@@ -150,19 +142,17 @@ def build(args):
         raise SystemExit('--ckpt none needs --model (a preset: ' + ', '.join(PRESETS) + ')')
     args.patch_size, args.data, args.classes = args.patch_size or 16, args.data or 'dota', args.classes or 'dota1.0'
     args.stride = args.stride or args.patch_size  # the ViT's own grid: a coarse cell per token ...
-    one_map = args.dec_layers or args.stride < 8  # heads that allow no second map
-    if args.fine is None:  # ... and a finer map for what is under two of its cells, where the head allows one
-        args.fine = 0 if one_map else 2 * args.stride
+    if args.fine is None:  # ... and a finer map for what is under two of its cells, where there is room for one
+        args.fine = 0 if args.stride < 8 else 2 * args.stride
     backbone = build_vit(args.model, args.patch_size)
     if state is not None:
         backbone.load_state_dict(state)  # strict: every key of the encoder must match
     if args.stride > args.patch_size:
         raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
-    if args.fine and one_map:
-        raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2) needs the dense head alone at '
-                         '--stride 8 or coarser: not with --dec-layers or --stride 4')
-    return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, args.dec_layers,
-                    args.num_queries, obb=args.boxes == 'obb', spatial_prior=args.spatial_prior, fine=args.fine)
+    if args.fine and args.stride < 8:
+        raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2) needs --stride 8 or coarser')
+    return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, obb=args.boxes == 'obb',
+                    spatial_prior=args.spatial_prior, fine=args.fine)
 
 
 def lr_parts(model, backbone=1.0):
@@ -221,8 +211,6 @@ def main(argv=None):
         raise SystemExit(f'{len(ds)} training images are fewer than one step: --batch-size x GPUs = '
                          f'{args.batch_size * world}')
     most = max((len(t['boxes']) for t in ds.targets), default=0)
-    # K: no weights depend on it, so it can follow the data
-    args.num_queries = model.num_queries = args.num_queries or max(1000, math.ceil(1.2 * most))
 
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)  # param_groups skips frozen parameters
@@ -244,8 +232,7 @@ def main(argv=None):
     say = print if main0 else (lambda *a, **k: None)
     say(f'detector ({args.boxes}): {args.model} ViT/{args.patch_size} backbone ({args.ckpt}), '
         f'stride {model.stride}{f" (+ {model.stride // 2} for objects under {args.fine:g} px)" if args.fine else ""}, '
-        f'{args.dec_layers} decoder layers, {args.num_queries} queries (most objects in '
-        f'a training image: {most}), {len(ds)} train / {len(val_loader.dataset)} val images, {world} process(es)')
+        f'most objects in a training image: {most}, {len(ds)} train / {len(val_loader.dataset)} val images, {world} process(es)')
     for s in sorted({16, model.stride}, reverse=True):  # how often the one-cell-one-object assumption breaks
         say(f'GT whose centre cell at stride {s} holds another GT centre: {shared_centre_share(ds, s):.1%}')
     if args.resume:

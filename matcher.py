@@ -262,15 +262,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, gamma
 
 
 def detector_loss(out, targets, matcher, **kw):
-    """The loss of every stage of a Detector output: the last decoder layer (matched once), the earlier layers
-    (auxiliary losses, reusing those matches: the queries are the same K cells in every layer) and the dense
-    encoder stage (matched on its own, over all cells; it teaches the query selection which cells hold objects).
-    -> (total, dict of floats for logging: the last layer's terms and diagnostics, and the encoder stage's loss)."""
-    total, parts, matches = detection_loss(out, targets, matcher, **kw)
-    for aux in out.get('aux', []):
-        total = total + detection_loss(aux, targets, matcher, matches=matches, **kw)[0]
-    if 'dense' in out:
-        dense = detection_loss(out['dense'], targets, matcher, **kw)[0]
-        total, parts['enc'] = total + dense, dense.detach()
+    """detection_loss of a Detector output -> (total, dict of floats for logging: its terms and diagnostics)."""
+    total, parts, _ = detection_loss(out, targets, matcher, **kw)
     values = torch.stack(list(parts.values())).tolist()  # one host sync for all the numbers
     return total, dict(zip(parts, values))

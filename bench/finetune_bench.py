@@ -4,12 +4,10 @@
 
 A DOTA-like batch: synthetic images with rows of parked vehicles and ships (several hundred objects each), the
 detector as `finetune.py --ckpt none` builds it by default (the dense head at the patch's stride with the spatial
-prior, the centre-cell matcher, the level at half that stride for objects under two cells); `--dec-layers 2` adds
-the decoder with 1,000 queries (and drops the finer level, which needs the dense head alone). One step = forward,
-loss (all stages), backward, AdamW step; the matcher calls inside the loss are timed on their own. With the finer
+prior, the centre-cell matcher, the level at half that stride for objects under two cells). One step = forward,
+loss, backward, AdamW step; the matcher calls inside the loss are timed on their own. With the finer
 level, the same steps of the model without it (`--fine 0`) are timed in the same run, and their ratio printed. The share of the
-step spent matching (goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch (the encoder stage's, and each
-decoder layer's), the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver, and
+step spent matching (goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch, the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver, and
 the total cost of each (needs scipy, from requirements-dev.txt).
 """
 import argparse
@@ -88,18 +86,15 @@ def main():
     ap.add_argument('--patch-size', type=int, default=16, help='patch size (default: %(default)s)')
     ap.add_argument('--img-size', type=int, default=512, help='image side (default: %(default)s)')
     ap.add_argument('--batch-size', type=int, default=2, help='images per step (default: %(default)s)')
-    ap.add_argument('--dec-layers', type=int, default=0, help="decoder layers (default: finetune.py's, "
-                                                              '%(default)s)')
     ap.add_argument('--steps', type=int, default=3, help='timed steps after one warm-up (default: %(default)s)')
     args = ap.parse_args()
     torch.manual_seed(0)
     x, targets = make_batch(args.batch_size, args.img_size)
     n_gt = [len(t['boxes']) for t in targets]
-    ft = get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size', str(args.patch_size),
-                                  '--dec-layers', str(args.dec_layers), '--num-queries', '1000'])  # else: defaults
+    ft = get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size', str(args.patch_size)])
     total, matching, matcher = time_steps(ft, x, targets, args.steps)
-    print(f'{args.model} ViT/{args.patch_size}, {args.img_size}^2, batch {args.batch_size}, {args.dec_layers} decoder '
-          f'layers{f", stride-{ft.stride // 2} level under {ft.fine:g} px" if ft.fine else ""}, GT per image {n_gt}, '
+    print(f'{args.model} ViT/{args.patch_size}, {args.img_size}^2, batch {args.batch_size}, the '
+          f'dense head{f", stride-{ft.stride // 2} level under {ft.fine:g} px" if ft.fine else ""}, GT per image {n_gt}, '
           f'{torch.get_num_threads()} threads: step {1e3 * total / args.steps:.0f} ms, matching '
           f'{1e3 * matching / args.steps:.0f} ms ({len(matcher.costs)} matcher calls per step)')
     if ft.fine:  # the baseline of the same run: the same model without the finer level

@@ -70,8 +70,8 @@ def measure_finetune(args, n_objects=300):
     """Seconds per fine-tuning step (forward, matching, all losses, backward, AdamW), bf16 autocast on CUDA."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    ft = get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size', '16', '--head-dim', '256',
-                                  '--num-queries', '1000'])  # the rest: finetune.py's defaults
+    ft = get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size', '16', '--head-dim',
+                                  '256'])  # the rest: finetune.py's defaults
     model = build(ft).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)

@@ -12,7 +12,7 @@ def test_finetune_bench_times_the_default_detector_and_compares_the_matchers():
            '--batch-size', '2', '--steps', '1']
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert '0 decoder layers' in p.stdout and 'share of the step spent matching' in p.stdout
+    assert 'the dense head' in p.stdout and 'share of the step spent matching' in p.stdout
     assert 'stride-8 level under 32 px' in p.stdout and 'the level costs' in p.stdout  # and its same-run baseline
 
 

@@ -23,7 +23,6 @@ def make_ckpt(path, boxes='hbb'):
                                              '64', '--boxes', boxes])
     torch.manual_seed(0)
     model = finetune.build(args)
-    args.num_queries = 1000
     torch.save({'model': model.state_dict(), 'args': vars(args), 'class_names': CLASSES[args.classes]}, path)
     return path
 

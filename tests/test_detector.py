@@ -1,4 +1,4 @@
-"""The detector: matcher invariants, query selection and decoder, losses on 0 and 1,000 GT, overfitting."""
+"""The detector: matcher invariants, the two levels, losses on 0 and 1,000 GT, overfitting."""
 import itertools
 
 import numpy as np
@@ -37,7 +37,7 @@ def test_assignment_is_optimal_on_small_cases_where_greedy_is():
 
 
 def test_matcher_gives_neighbouring_cells_to_objects_sharing_a_cell():
-    det = Detector(build_vit('test', 8), 2, dec_layers=0)
+    det = Detector(build_vit('test', 8), 2)
     out = det(torch.zeros(1, 3, 32, 32))
     gt = torch.tensor([[9.0, 9, 12, 12], [12.5, 9, 15.5, 12]])  # two 3 px objects in cell (1, 1)
     pi, gi = MinCostMatcher()(out['logits'][0], out['boxes'][0], out['centres'][0], gt, torch.tensor([0, 1]), 8)
@@ -58,13 +58,12 @@ def test_centre_term_gives_the_object_to_the_nearest_of_two_equal_cells():
     assert torch.allclose(cost - base, torch.tensor([[6 / 8], [2 / 8]]))  # |dx| + |dy| in cells
 
 
-@pytest.mark.parametrize('dec_layers', [0, 2])
-def test_detector_overfits_one_synthetic_image(tmp_path, dec_layers):
+def test_detector_overfits_one_synthetic_image(tmp_path):
     torch.manual_seed(0)
     make_synthetic(tmp_path, n_train=1, n_val=0, size=64, seed=5)
     images, (t,) = collate([DOTADataset(tmp_path, 'train', CLASSES['dota1.0'])[0]], multiple=8)
     assert len(t['boxes']) >= 3
-    det = Detector(build_vit('test', 8), 15, head_dim=32, dec_layers=dec_layers)
+    det = Detector(build_vit('test', 8), 15, head_dim=32)
     opt = torch.optim.AdamW(det.parameters(), lr=3e-3, weight_decay=0.0)
     x = to_input(images, [t], torch.device('cpu'))
     matcher = MinCostMatcher()
@@ -86,7 +85,7 @@ def test_prediction_map_stride():
     assert Detector(build_vit('test', 16), 3, 32)(x)['logits'].shape == (2, 4 * 6 + 8 * 12, 3)
     assert Detector(build_vit('test', 16), 3, 32, stride=16, fine=0)(x)['logits'].shape == (2, 4 * 6, 3)
     assert Detector(build_vit('test', 16), 3, 32, stride=8, fine=0)(x)['logits'].shape == (2, 8 * 12, 3)
-    out = Detector(build_vit('test', 8), 3, 32, stride=4, dec_layers=0)(x)
+    out = Detector(build_vit('test', 8), 3, 32, stride=4)(x)
     assert out['logits'].shape == (2, 16 * 24, 3) and out['stride'] == 4
     torch.testing.assert_close(out['centres'][0, :2], torch.tensor([[2.0, 2.0], [6.0, 2.0]]))
     for bad in (32, 12):
@@ -109,29 +108,10 @@ def test_varifocal_loss_matches_its_formula():
     assert parts['cls'] == pytest.approx(want.sum().item(), rel=1e-5)
 
 
-def test_query_selection_and_decoder_output_count():
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 64, 96)  # stride 8: 8 x 12 = 96 cells
-    out = Detector(build_vit('test', 8), 3, 32, dec_layers=3, num_queries=40)(x)
-    assert out['logits'].shape == (2, 40, 3) and out['boxes'].shape == (2, 40, 4) and out['centres'].shape == (2, 40, 2)
-    assert len(out['aux']) == 2 and all(a['logits'].shape == (2, 40, 3) for a in out['aux'])
-    assert out['dense']['logits'].shape == (2, 96, 3)
-    # the queries are the 40 cells with the highest encoder-stage score, and start from their boxes
-    best = out['dense']['logits'].amax(-1).topk(40, dim=1).indices
-    torch.testing.assert_close(out['centres'], out['dense']['centres'].gather(1, best[..., None].expand(-1, -1, 2)))
-    # at the start each layer is the dense stage at its cells: the same scores and boxes, corrections learned later
-    take = lambda t: t.gather(1, best[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-    for o in out['aux'] + [out]:
-        assert torch.equal(o['logits'], take(out['dense']['logits']))
-        torch.testing.assert_close(o['boxes'], take(out['dense']['boxes']))
-    det = Detector(build_vit('test', 8), 3, 32, dec_layers=1, num_queries=1000)
-    assert det(x)['logits'].shape == (2, 96, 3)  # K <= cells
-
-
 @pytest.mark.parametrize('n_gt', [0, 1, 1000])
 def test_losses_are_finite_and_every_gt_is_matched(n_gt):
     torch.manual_seed(0)
-    det = Detector(build_vit('test', 8), 15, 32, stride=4, num_queries=1200)  # 256^2: 4096 cells, 1200 queries
+    det = Detector(build_vit('test', 8), 15, 32, stride=4)  # 256^2: 4096 cells
     xy = torch.rand(n_gt, 2) * 240
     t = {'boxes': torch.cat([xy, xy + 4 + torch.rand(n_gt, 2) * 12], 1), 'labels': torch.randint(0, 15, (n_gt,))}
     out = det(torch.randn(1, 3, 256, 256))
@@ -203,7 +183,7 @@ def test_the_detector_places_a_crop_where_its_origin_says():
 
 def test_fine_level_gives_small_objects_to_its_cells_and_the_rest_to_the_coarse_map():
     torch.manual_seed(0)
-    det = Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=0, spatial_prior=True, fine=16)
+    det = Detector(build_vit('test', 16), 3, 32, stride=8, spatial_prior=True, fine=16)
     out = det(torch.randn(2, 3, 64, 96))
     M, M2 = 8 * 12, 16 * 24
     assert out['logits'].shape == (2, M + M2, 3) and out['boxes'].shape == (2, M + M2, 4)
@@ -221,9 +201,9 @@ def test_fine_level_gives_small_objects_to_its_cells_and_the_rest_to_the_coarse_
     loss, _ = detector_loss(out, [t, t], MinCostMatcher())
     loss.backward()
     assert det.box_fine.weight.grad.abs().sum() > 0 and det.fine_prior.layers[0].weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match='dense head alone'):
-        Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=1, fine=16)
-    obb = Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=0, obb=True, fine=16)(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match='stride >= 8'):
+        Detector(build_vit('test', 8), 3, 32, stride=4, fine=8)
+    obb = Detector(build_vit('test', 16), 3, 32, stride=8, obb=True, fine=16)(torch.randn(1, 3, 64, 64))
     t = {'boxes': torch.tensor([[23.0, 23, 6, 3, 0.5], [55.0, 25, 30, 12, -0.3]]), 'labels': torch.tensor([0, 1])}
     _, _, [(pi, gi)] = detection_loss(obb, [t], MinCostMatcher(w_ctr=1.0))  # oriented: the claim by the extent
     assert dict(zip(gi.tolist(), obb['stride'][pi].tolist())) == {0: 4, 1: 8}
@@ -231,7 +211,7 @@ def test_fine_level_gives_small_objects_to_its_cells_and_the_rest_to_the_coarse_
 
 def test_the_matcher_builds_the_cost_of_in_region_cells_only_and_matches_as_on_the_full_matrix():
     torch.manual_seed(0)
-    det = Detector(build_vit('test', 16), 3, 32, stride=8, dec_layers=0, fine=16)
+    det = Detector(build_vit('test', 16), 3, 32, stride=8, fine=16)
     out = det(torch.randn(1, 3, 128, 128))
     m = MinCostMatcher(w_ctr=1.0)
     xy = torch.rand(60, 2) * 110

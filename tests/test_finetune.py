@@ -126,7 +126,7 @@ def test_results_csv_every_epoch_and_the_curves_only_with_matplotlib(tmp_path, m
     make_synthetic(tmp_path / 'synth', n_train=8, n_val=2, size=32, seed=0)
     flags = ['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
              '--img-size', '32', '--batch-size', '4', '--epochs', '3', '--eval-every', '2', '--head-dim', '32',
-             '--workers', '0', '--device', 'cpu', '--dec-layers', '0']
+             '--workers', '0', '--device', 'cpu']
     import evaluate
     monkeypatch.setattr(evaluate, '_pyplot', lambda: None)  # what it returns when matplotlib is not installed
     main(flags + ['--fine', '0', '--out', str(tmp_path / 'no_mpl')])
@@ -165,7 +165,6 @@ def test_time_budget_sets_the_epochs_from_the_time_per_epoch(tmp_path, capsys):
 @pytest.mark.parametrize('flags,stride,fine', [(['--patch-size', '16'], 16, 32), (['--patch-size', '8'], 8, 16),
                                                (['--patch-size', '16', '--stride', '8'], 8, 16),
                                                (['--patch-size', '8', '--stride', '4'], 4, 0),
-                                               (['--patch-size', '16', '--dec-layers', '1'], 16, 0),
                                                (['--patch-size', '16', '--fine', '0'], 16, 0)])
 def test_default_maps_the_patch_grid_and_a_finer_one_for_objects_under_two_cells(flags, stride, fine):
     from finetune import build, get_parser
@@ -182,9 +181,9 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
           '--img-size', '32', '--batch-size', '4', '--epochs', '1', '--head-dim', '32', '--workers', '0',
           '--device', 'cpu', '--fine', '12', '--ring-boxes', '0.5', '--centre-gate', '0.1',
           '--out', str(tmp_path / 'ft')])
-    with pytest.raises(SystemExit, match='needs the dense head alone'):  # asked for beside a decoder: an error
+    with pytest.raises(SystemExit, match='needs --stride 8 or coarser'):  # no room for a map at stride 2: an error
         main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
-              '--dec-layers', '1', '--fine', '16', '--out', str(tmp_path / 'dec')])
+              '--stride', '4', '--fine', '16', '--out', str(tmp_path / 'dec')])
     model, ck = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
     out = model.eval()(torch.zeros(1, 3, 32, 32))
     assert model.fine == 12 and out['logits'].shape[1] == 4 * 4 + 8 * 8
@@ -227,7 +226,11 @@ def test_a_checkpoint_of_a_removed_option_names_it_and_the_commit_that_has_it(tm
     torch.save(ck, tmp_path / 'old.pt')
     with pytest.raises(SystemExit, match=r'--max-filter True, --whiten 8: options removed .*git checkout d94a794b30'):
         load_detector(tmp_path / 'old.pt', 'cpu')
-    ck['args'].update(max_filter=False, whiten=0, o2m=3, cls_loss='focal', ema=0.999)  # training-only options:
+    ck['args'].update(max_filter=False, whiten=0, dec_layers=2, num_queries=1000)  # removed later, another commit
+    torch.save(ck, tmp_path / 'old.pt')
+    with pytest.raises(SystemExit, match=r'--dec-layers 2: options removed .*git checkout a60b129'):
+        load_detector(tmp_path / 'old.pt', 'cpu')
+    ck['args'].update(dec_layers=0, o2m=3, cls_loss='focal', ema=0.999)  # training-only options:
     ck['model'].update({'cls_o2m.weight': torch.zeros(1), 'box_o2m.bias': torch.zeros(1)})  # the weights load
     torch.save(ck, tmp_path / 'old.pt')
     assert load_detector(tmp_path / 'old.pt', 'cpu')[0].fine == 16

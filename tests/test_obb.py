@@ -199,7 +199,7 @@ def test_probiou_periodic_and_continuous_at_the_boundary():
 
 def test_loss_is_the_same_for_theta_and_theta_plus_pi():
     torch.manual_seed(0)
-    det = Detector(build_vit('test', 8), 3, 32, dec_layers=1, num_queries=20, obb=True)
+    det = Detector(build_vit('test', 8), 3, 32, obb=True)
     out = det(torch.randn(1, 3, 32, 32))
     t = torch.tensor([[12.0, 14, 14, 5, 1.5]])
     a = detector_loss(out, [{'boxes': t, 'labels': torch.tensor([1])}], MinCostMatcher())[0]
@@ -213,7 +213,7 @@ def test_detector_overfits_one_rotated_synthetic_image(tmp_path):
     make_synthetic(tmp_path, n_train=1, n_val=0, size=64, seed=5, rotated=True)
     images, (t,) = collate([DOTADataset(tmp_path, 'train', CLASSES['dota1.0'], boxes='obb')[0]], multiple=8)
     assert len(t['boxes']) >= 3 and (t['boxes'][:, 4].abs() > 0.2).any()
-    det = Detector(build_vit('test', 8), 15, head_dim=32, dec_layers=1, num_queries=50, obb=True)
+    det = Detector(build_vit('test', 8), 15, head_dim=32, obb=True)
     opt = torch.optim.AdamW(det.parameters(), lr=3e-3, weight_decay=0.0)
     x = to_input(images, [t], torch.device('cpu'))
     for _ in range(300):

@@ -100,7 +100,7 @@ def test_oriented_chain_end_to_end(tmp_path):
         '--gap', 16, '--workers', 1, cwd=tmp_path)
     out = run(ROOT / 'finetune.py', '--ckpt', 'none', '--model', 'test', '--patch-size', 8, '--data',
               tmp_path / 'tiles', '--boxes', 'obb', '--epochs', 2, '--eval-every', 1, '--head-dim', 32,
-              '--dec-layers', 1, '--fine', 0, '--img-size', 48, '--batch-size', 8, '--workers', 0, '--device', 'cpu', '--out',
+              '--img-size', 48, '--batch-size', 8, '--workers', 0, '--device', 'cpu', '--out',
               tmp_path / 'ft', cwd=tmp_path)
     assert 'detector (obb)' in out and 'best val mAP50' in out
     out = run(ROOT / 'evaluate.py', '--ckpt', tmp_path / 'ft' / 'best.pt', '--merge', '--labels',
