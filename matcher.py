@@ -184,24 +184,24 @@ def assign_min_cost(cost):
     return match[gt], gt
 
 
-def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, gamma=2.0, matches=None, num_gt=None,
+def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, gamma=2.0, num_gt=None,
                    w_ring=0.0, gate=None):
-    """Set-prediction loss of one stage's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
+    """Set-prediction loss of a Detector's output (logits (B, K, C), boxes (B, K, 4), centres (B, K, 2)) against a
     list of B target dicts (boxes, labels on any device). Oriented boxes (..., 5) use ProbIoU where the text below
     says GIoU or IoU, and l1_form's coordinates for L1.
 
-    Each GT is matched to one prediction (or `matches` are reused: a list of B (pred idx, gt idx) pairs); the
-    matched prediction is a positive for its class, all other (prediction, class) pairs are negatives.
-    VarifocalNet's IoU-aware loss over all of them (a positive's target is the IoU of its box with its GT, weighted
-    by that IoU; negatives as the focal loss with alpha 0.75), plus L1 (in stride units, so a 10 px box still gets
-    gradient) and 1 - GIoU on the matched pairs; each term is divided by the number of GT in the batch (or by
-    num_gt: under DDP, the mean over ranks). -> (total loss, dict of detached numbers for logging: the terms,
-    the mean IoU of the matched pairs, and the number of (prediction, class) scores above 0.3 per GT: about 1 when
-    the one-to-one matching has taught the head not to duplicate), matches).
-    w_ring > 0: every other cell of a matched object's centre region (matcher.allowed, on the
-    matched cell's level; of a two-level map, the coarser level's objects only) also regresses that object's box
-    (the nearest object's, where regions overlap), w_ring x the box loss averaged per object, so that these cells
-    point at the centre outside them. gate = m: a cell whose box centre lies more than 0.5 + m cells from its own
+    Each GT is matched to one prediction (matcher); the matched prediction is a positive for its class, all other
+    (prediction, class) pairs are negatives. VarifocalNet's IoU-aware loss over all of them (a positive's target is
+    the IoU of its box with its GT, weighted by that IoU; negatives as the focal loss with alpha 0.75), plus L1 (in
+    stride units, so a 10 px box still gets gradient) and 1 - GIoU on the matched pairs; each term is divided by the
+    number of GT in the batch (or by num_gt: under DDP, the mean over ranks). -> (total loss, dict of detached
+    numbers for logging: the terms, the mean IoU of the matched pairs, and the number of (prediction, class) scores
+    above 0.3 per GT: about 1 when the one-to-one matching has taught the head not to duplicate), the matches: B
+    (pred idx, gt idx) pairs).
+    w_ring > 0: every other cell of a matched object's centre region (matcher.allowed, on the matched cell's level;
+    of a two-level map, the coarser level's objects only) also regresses that object's box (the nearest object's,
+    where regions overlap), w_ring x the box loss averaged per object, so that these cells point at the centre
+    outside them. gate = m: a cell whose box centre lies more than 0.5 + m cells from its own
     (detector.outside_cell) is not a negative."""
     logits, boxes, centres = out['logits'], out['boxes'], out['centres']
     # (K,) each prediction's stride (a two-level map has two), so that L1 is in the units of its own cells
@@ -211,9 +211,7 @@ def detection_loss(out, targets, matcher, w_cls=2.0, w_l1=1.0, w_giou=2.0, gamma
     src, tgt, per, found, ring_src, ring_tgt, ring_per, ring_w = [], [], [], [], [], [], [], []
     for b, t in enumerate(targets):  # one matching per image: images hold different numbers of boxes
         gt_boxes, gt_labels = t['boxes'].to(boxes.device).float(), t['labels'].to(boxes.device)
-        if matches is not None:
-            pi, gi = matches[b]
-        elif len(gt_boxes):
+        if len(gt_boxes):
             pi, gi = matcher(logits[b].detach(), boxes[b].detach(), centres[b], gt_boxes, gt_labels, stride,
                              out.get('claim'))
         else:

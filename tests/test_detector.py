@@ -141,28 +141,28 @@ def test_ring_boxes_and_centre_gate_leave_only_the_cell_holding_the_centre():
     centres = ((torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * 8).float()[None]  # (1, 25, 2), stride 8
     gt = torch.tensor([[14.0, 14, 26, 26]])  # centred in cell (2, 2), index 12
     t = [{'boxes': gt, 'labels': torch.tensor([1])}]
-    match = [(torch.tensor([12]), torch.tensor([0]))]
     own = torch.cat([centres - 6, centres + 6], -1)  # every cell predicts the GT's size centred on itself
     out = {'logits': torch.zeros(1, 25, 3), 'boxes': own, 'centres': centres, 'stride': 8}
     assert not outside_cell(out, 0.0).any()
     # w_ring: the 8 neighbours (the 12 px box's region is the 3 x 3 around its centre) regress the GT's box: their
     # own-centred boxes are one cell off (L1 2 or 4 cells), the others free
-    m = MinCostMatcher()  # its centre region is the ring's region
-    ring = [float(detection_loss(out, t, m, matches=match, w_ring=w)[0]) for w in (0, 1)]
-    ring_ok = [float(detection_loss({**out, 'boxes': gt.expand(1, 25, 4)}, t, m, matches=match, w_ring=w)[0])
-               for w in (0, 1)]
+    m = MinCostMatcher()  # its centre region is the ring's region; it matches cell 12 in every case below
+    assert detection_loss(out, t, m)[2][0][0].tolist() == [12]
+    ring = [float(detection_loss(out, t, m, w_ring=w)[0]) for w in (0, 1)]
+    ring_ok = [float(detection_loss({**out, 'boxes': gt.expand(1, 25, 4)}, t, m, w_ring=w)[0]) for w in (0, 1)]
     assert ring[1] > ring[0] + 2 and ring_ok[1] == pytest.approx(ring_ok[0])
     # on a two-level map the finer level has no ring (its tiny objects lost to it): these 25 cells as the fine level
     two = {'logits': torch.zeros(1, 26, 3), 'boxes': torch.cat([own, torch.zeros(1, 1, 4)], 1),
            'centres': torch.cat([centres, torch.full((1, 1, 2), 200.0)], 1), 'stride': torch.tensor([8.0] * 25 + [16])}
-    fine = [float(detection_loss(two, t, m, matches=match, w_ring=w)[0]) for w in (0, 1)]
+    fine = [float(detection_loss(two, t, m, w_ring=w)[0]) for w in (0, 1)]
     assert fine[1] == pytest.approx(fine[0])
     # once they point at the object, the gate drops all but cell 12: in training (no negative term) and decoding
     pointed = {**out, 'boxes': gt.expand(1, 25, 4)}
     assert outside_cell(pointed, 0.0)[0].nonzero().squeeze(1).tolist() == [i for i in range(25) if i != 12]
-    cls = [detection_loss(pointed, t, None, matches=match, gate=g)[1]['cls'] for g in (None, 0.0)]
+    assert detection_loss(pointed, t, m)[2][0][0].tolist() == [12]
+    cls = [detection_loss(pointed, t, m, gate=g)[1]['cls'] for g in (None, 0.0)]
     positive = detection_loss({**pointed, 'logits': pointed['logits'][:, [12]], 'boxes': gt[None],
-                               'centres': centres[:, [12]]}, t, None, matches=[(torch.tensor([0]), torch.tensor([0]))])
+                               'centres': centres[:, [12]]}, t, m)
     assert cls[0] > cls[1] == pytest.approx(positive[1]['cls'])
     (d,) = postprocess({**pointed, 'logits': torch.full((1, 25, 3), 2.0)}, centre_gate=0.0)
     assert len(d['scores']) == 3 and (d['boxes'] == gt).all()  # cell 12, three classes
