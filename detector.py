@@ -91,7 +91,7 @@ class Detector(nn.Module):
 
     def dense(self, f, cls, box, stride=None):
         """Every cell's class scores and box on the map f (B, Dh, h, w) at `stride` (default: the map's), by the
-        class and box convolutions cls and box -> dict: logits (B, M, C), boxes (B, M, 4 | 5), centres (B, M, 2), stride."""
+        convolutions cls and box -> dict: logits (B, M, C), boxes (B, M, 4 | 5), centres (B, M, 2), stride."""
         stride = stride or self.stride
         h, w = f.shape[-2:]
         ys, xs = torch.meshgrid(torch.arange(h, device=f.device), torch.arange(w, device=f.device), indexing='ij')

@@ -274,11 +274,12 @@ def run_eval(model, loader, class_names, device, conf=0.001, max_det=1000, out_d
     return res, text
 
 
-# Options of finetune.py that changed the model itself, measured and removed (RESULTS.md, "tried and removed"): a
-# checkpoint trained with one of them cannot be rebuilt here; `git checkout d94a794b30` has them. (The removed
-# training-only options, e.g. --ema, --o2m or --cls-loss, left weights that today's Detector loads as they are.)
-REMOVED = {'max_filter': False, 'peak_filter': False, 'whiten': 0, 'dec_layers': 0}
-LAST_HELD = {'dec_layers': 'a60b129'}  # removed later than the others (default: d94a794b30)
+# Options of finetune.py that changed the model itself, measured and removed (RESULTS.md, "tried and removed"):
+# option -> (its off value, the last commit that has it). A checkpoint trained with one of them cannot be rebuilt
+# here. (The removed training-only options, e.g. --ema, --o2m or --cls-loss, left weights that today's Detector
+# loads as they are.)
+REMOVED = {'max_filter': (False, 'd94a794b30'), 'peak_filter': (False, 'd94a794b30'), 'whiten': (0, 'd94a794b30'),
+           'dec_layers': (0, 'a60b129')}
 
 
 def load_detector(path, device):
@@ -286,9 +287,9 @@ def load_detector(path, device):
     (REMOVED) is an error naming the option and the commit that still has it."""
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     a = ckpt['args']
-    gone = {k: a[k] for k, v in REMOVED.items() if a.get(k, v) != v}
+    gone = {k: a[k] for k, (off, _) in REMOVED.items() if a.get(k, off) != off}
     if gone:
-        commit = LAST_HELD.get(next(iter(gone)), 'd94a794b30')
+        commit = REMOVED[next(iter(gone))][1]  # the oldest removal first: that commit has every later one too
         raise SystemExit(f'{path} was trained with ' + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in
                                                                 gone.items()) +
                          f': options removed after measuring them (RESULTS.md, "tried and removed"); '

@@ -232,7 +232,8 @@ def main(argv=None):
     say = print if main0 else (lambda *a, **k: None)
     say(f'detector ({args.boxes}): {args.model} ViT/{args.patch_size} backbone ({args.ckpt}), '
         f'stride {model.stride}{f" (+ {model.stride // 2} for objects under {args.fine:g} px)" if args.fine else ""}, '
-        f'most objects in a training image: {most}, {len(ds)} train / {len(val_loader.dataset)} val images, {world} process(es)')
+        f'most objects in a training image: {most}, {len(ds)} train / {len(val_loader.dataset)} val images, '
+        f'{world} process(es)')
     for s in sorted({16, model.stride}, reverse=True):  # how often the one-cell-one-object assumption breaks
         say(f'GT whose centre cell at stride {s} holds another GT centre: {shared_centre_share(ds, s):.1%}')
     if args.resume:

@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Every row fine-tunes with finetune.py's defaults: the recipe measured on NWPU VHR-10's val split (RESULTS.md):
 # the dense one-to-one head (mAP50 0.151 vs 0.086 with 2 decoder layers after 8 epochs, and 1.6x faster; the
-# decoder: RESULTS.md, "tried and removed"), lr 5e-4 (1e-3 was worse), no stochastic depth, IoU-aware varifocal loss, no layer decay (0.75 cost
-# the pretrained encoder 0.04 mAP50 once the detector had its spatial prior).
+# decoder: RESULTS.md, "tried and removed"), lr 5e-4 (1e-3 was worse), no stochastic depth, IoU-aware varifocal
+# loss, no layer decay (0.75 cost the pretrained encoder 0.04 mAP50 once the detector had its spatial prior).
 ROWS = {'scratch': None, 'jepa-random': ['--mask', 'random'], 'jepa-object': ['--mask', 'object'],
         'pixels-random': ['--mask', 'random', '--target', 'pixels']}
 

@@ -5,10 +5,11 @@
 A DOTA-like batch: synthetic images with rows of parked vehicles and ships (several hundred objects each), the
 detector as `finetune.py --ckpt none` builds it by default (the dense head at the patch's stride with the spatial
 prior, the centre-cell matcher, the level at half that stride for objects under two cells). One step = forward,
-loss, backward, AdamW step; the matcher calls inside the loss are timed on their own. With the finer
-level, the same steps of the model without it (`--fine 0`) are timed in the same run, and their ratio printed. The share of the
-step spent matching (goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch, the share of GT that the min-cost rule gives the same prediction as scipy's Hungarian solver, and
-the total cost of each (needs scipy, from requirements-dev.txt).
+loss, backward, AdamW step; the matcher calls inside the loss are timed on their own. With the finer level, the same
+steps of the model without it (`--fine 0`) are timed in the same run, and their ratio printed. The share of the step
+spent matching (goal <= 10 %) is printed last. Before it: on the cost matrices of the same batch, the share of GT
+that the min-cost rule gives the same prediction as scipy's Hungarian solver, and the total cost of each (needs
+scipy, from requirements-dev.txt).
 """
 import argparse
 import sys
@@ -93,8 +94,8 @@ def main():
     n_gt = [len(t['boxes']) for t in targets]
     ft = get_parser().parse_args(['--ckpt', 'none', '--model', args.model, '--patch-size', str(args.patch_size)])
     total, matching, matcher = time_steps(ft, x, targets, args.steps)
-    print(f'{args.model} ViT/{args.patch_size}, {args.img_size}^2, batch {args.batch_size}, the '
-          f'dense head{f", stride-{ft.stride // 2} level under {ft.fine:g} px" if ft.fine else ""}, GT per image {n_gt}, '
+    print(f'{args.model} ViT/{args.patch_size}, {args.img_size}^2, batch {args.batch_size}, the dense head'
+          f'{f", stride-{ft.stride // 2} level under {ft.fine:g} px" if ft.fine else ""}, GT per image {n_gt}, '
           f'{torch.get_num_threads()} threads: step {1e3 * total / args.steps:.0f} ms, matching '
           f'{1e3 * matching / args.steps:.0f} ms ({len(matcher.costs)} matcher calls per step)')
     if ft.fine:  # the baseline of the same run: the same model without the finer level
