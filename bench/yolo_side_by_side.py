@@ -37,17 +37,22 @@ from labels import CLASSES  # noqa: E402
 
 # Runs in the Ultralytics environment: train, then predict on the val tiles -> dets.json, info.json
 YOLO = '''
-import json, sys, time
+import json, os, sys, time
+import torch
 from pathlib import Path
 from ultralytics import YOLO
 out, minutes, workers = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 t0 = time.time()
 model = YOLO('yolov8n.yaml')
+# Ultralytics trains on os.cpu_count() - 1 threads on a CPU (one core of two left idle); the project's torch takes all
+# of them, so give YOLOv8n every core too, for its training and its predictions
+model.add_callback('on_pretrain_routine_start', lambda trainer: torch.set_num_threads(os.cpu_count()))
 model.train(data=str(out / 'data.yaml'), imgsz=512, time=minutes / 60, epochs=1000, pretrained=False, device='cpu',
             workers=workers, batch=16, seed=0, plots=False, project=str(out), name='train', exist_ok=True)
 seconds = time.time() - t0
 weights = out / 'train' / 'weights'
 best = YOLO(str(weights / ('best.pt' if (weights / 'best.pt').exists() else 'last.pt')))
+best.add_callback('on_predict_start', lambda predictor: torch.set_num_threads(os.cpu_count()))
 dets = {}
 for r in best.predict(source=str(out / 'images' / 'val'), imgsz=512, conf=0.001, max_det=300, device='cpu',
                       stream=True, verbose=False):
