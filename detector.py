@@ -75,7 +75,7 @@ class Detector(nn.Module):
         self.box = nn.Conv2d(head_dim, 6 if obb else 4, 3, padding=1)
         if fine:  # ViTDet's simple pyramid, one more step (its P2): half the width, 4x the cells
             if self.stride < 8:
-                raise ValueError('fine: a second map needs stride >= 8')
+                raise ValueError(f'a second map at stride / 2 (fine) needs stride >= 8, not {self.stride}')
             d = head_dim // 2
             self.fine_up = nn.Sequential(nn.ConvTranspose2d(head_dim, d, 2, 2), nn.GroupNorm(8, d), nn.GELU())
             self.fine_prior = SpatialPrior(self.stride // 2, d) if spatial_prior else None

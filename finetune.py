@@ -141,18 +141,16 @@ def build(args):
     elif args.model is None:
         raise SystemExit('--ckpt none needs --model (a preset: ' + ', '.join(PRESETS) + ')')
     args.patch_size, args.data, args.classes = args.patch_size or 16, args.data or 'dota', args.classes or 'dota1.0'
-    args.stride = args.stride or args.patch_size  # the ViT's own grid: a coarse cell per token ...
-    if args.fine is None:  # ... and a finer map for what is under two of its cells, where there is room for one
-        args.fine = 0 if args.stride < 8 else 2 * args.stride
     backbone = build_vit(args.model, args.patch_size)
     if state is not None:
         backbone.load_state_dict(state)  # strict: every key of the encoder must match
-    if args.stride > args.patch_size:
-        raise SystemExit(f'--stride {args.stride} is coarser than the patch size {args.patch_size}')
-    if args.fine and args.stride < 8:
-        raise SystemExit(f'--fine {args.fine:g} (a second map at --stride / 2) needs --stride 8 or coarser')
-    return Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, obb=args.boxes == 'obb',
-                    spatial_prior=args.spatial_prior, fine=args.fine)
+    try:  # Detector's defaults: a coarse cell per token, and a map at half its stride for what is under two cells
+        model = Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, obb=args.boxes == 'obb',
+                         spatial_prior=args.spatial_prior, fine=args.fine)
+    except ValueError as e:
+        raise SystemExit(f'--stride {args.stride} / --fine {args.fine}: {e}')
+    args.stride, args.fine = model.stride, model.fine  # the checkpoint records what was built
+    return model
 
 
 def lr_parts(model, backbone=1.0):

@@ -181,7 +181,7 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
           '--img-size', '32', '--batch-size', '4', '--epochs', '1', '--head-dim', '32', '--workers', '0',
           '--device', 'cpu', '--fine', '12', '--ring-boxes', '0.5', '--centre-gate', '0.1',
           '--out', str(tmp_path / 'ft')])
-    with pytest.raises(SystemExit, match='needs --stride 8 or coarser'):  # no room for a map at stride 2: an error
+    with pytest.raises(SystemExit, match='needs stride >= 8'):  # no room for a map at stride 2: an error
         main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
               '--stride', '4', '--fine', '16', '--out', str(tmp_path / 'dec')])
     model, ck = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
