@@ -64,9 +64,9 @@ epochs = len((out / 'train' / 'results.csv').read_text().strip().splitlines()) -
 '''
 
 
-def yolo_dataset(data, out, class_names):
-    """OUT/{images,labels}/{train,val}: links to the tiles and YOLO label files (class cx cy w h, tile fractions) of
-    the boxes DOTADataset reads; OUT/data.yaml."""
+def yolo_dataset(data, out, class_names, size=512):
+    """OUT/{images,labels}/{train,val}: links to the tiles and YOLO label files (class cx cy w h, fractions of the
+    size x size tile) of the boxes DOTADataset reads; OUT/data.yaml."""
     for split in ('train', 'val'):
         ds = DOTADataset(data, split, class_names)
         (out / 'images' / split).mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def yolo_dataset(data, out, class_names):
             link = out / 'images' / split / f.name
             if not link.exists():
                 link.symlink_to(f.resolve())
-            b = np.asarray(t['boxes'], np.float64).reshape(-1, 4) / 512  # the tiles are 512 px, padding included
+            b = np.asarray(t['boxes'], np.float64).reshape(-1, 4) / size  # prepare.py split pads every tile to size
             rows = np.concatenate([np.asarray(t['labels'])[:, None], (b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
             (out / 'labels' / split / f'{f.stem}.txt').write_text(''.join(
                 f'{int(r[0])} ' + ' '.join(f'{v:.6f}' for v in r[1:]) + '\n' for r in rows))
@@ -102,6 +102,7 @@ def main():
     ap.add_argument('--workers', type=int, default=2, help='data-loader workers of both (default: %(default)s)')
     ap.add_argument('--out', default='runs/yolo', help='work folder (default: %(default)s)')
     args = ap.parse_args()
+    t_all = time.time()
     py = shutil.which(args.yolo_python) or (args.yolo_python if Path(args.yolo_python).exists() else None)
     if py is None or subprocess.run([py, '-c', 'import ultralytics'], capture_output=True).returncode:
         raise SystemExit(f'no Ultralytics at --yolo-python {args.yolo_python}: install it in an environment of its '
@@ -149,11 +150,14 @@ def main():
     cols = list(rows[0])[1:]
     print(f'NWPU VHR-10 val (83 half-resolution tiles), {args.minutes:g} training minutes each, the same machine '
           f'({os.cpu_count()} CPUs), one after the other')
-    print(f'{"row":36s}' + ''.join(f'{c:>20s}' for c in cols))
+    w = {c: max(len(c) + 2, 9) for c in cols}
+    print(f'{"row":36s}' + ''.join(f'{c:>{w[c]}s}' for c in cols))
     for r in rows + [{'row': 'project / YOLOv8n', **{c: rows[1][c] / rows[0][c] if rows[0][c] else float('nan')
                                                       for c in cols}}]:
-        print(f'{r["row"]:36s}' + ''.join(f'{r[c]:20d}' if isinstance(r[c], int) else f'{r[c]:20.3f}' for c in cols))
+        print(f'{r["row"]:36s}' + ''.join(f'{r[c]:{w[c]}d}' if isinstance(r[c], int) else f'{r[c]:{w[c]}.3f}'
+                                          for c in cols))
     (out / 'results.json').write_text(json.dumps(rows, indent=2))
+    print(f'this run: {(time.time() - t_all) / 60:.1f} minutes in all (what was cached under {out} not counted)')
 
 
 if __name__ == '__main__':

@@ -74,3 +74,31 @@ def test_object_masks_hide_object_patches_no_more_often_than_random_ones_unless_
     hide_all = mask_overlap.main(common + ['--object-keep', '0'])
     assert hide_all['object-gt']['box_hidden'] > 0.99 > hide_all['random']['box_hidden'] + 0.15
     assert hide_all['object-gt']['hidden_on_box'] > hide_all['random']['hidden_on_box']
+
+
+def test_yolo_side_by_side_without_ultralytics_says_how_to_install_it():
+    p = subprocess.run([sys.executable, ROOT / 'bench' / 'yolo_side_by_side.py', '--yolo-python', 'no-such-python'],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and 'pip install' in p.stderr and 'ultralytics' in p.stderr
+    assert 'Traceback' not in p.stderr
+
+
+def test_yolo_labels_hold_the_boxes_the_project_trains_on(tmp_path, monkeypatch):
+    import numpy as np
+
+    from data import DOTADataset
+    from labels import CLASSES
+    from prepare import make_synthetic
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))
+    from yolo_side_by_side import yolo_dataset
+    make_synthetic(tmp_path / 'synth', n_train=3, n_val=2, size=64, seed=0)
+    yolo_dataset(tmp_path / 'synth', tmp_path / 'yolo', CLASSES['dota1.0'], size=64)
+    assert 'train: images/train' in (tmp_path / 'yolo' / 'data.yaml').read_text()
+    for split in ('train', 'val'):
+        ds = DOTADataset(tmp_path / 'synth', split, CLASSES['dota1.0'])
+        assert len(ds.files) == len(list((tmp_path / 'yolo' / 'images' / split).iterdir()))
+        for f, t in zip(ds.files, ds.targets):
+            rows = np.loadtxt(tmp_path / 'yolo' / 'labels' / split / f'{f.stem}.txt', ndmin=2)
+            cxcy, wh = rows[:, 1:3] * 64, rows[:, 3:5] * 64
+            assert len(rows) == len(t['boxes']) > 0 and (rows[:, 0] == t['labels']).all()
+            np.testing.assert_allclose(np.concatenate([cxcy - wh / 2, cxcy + wh / 2], 1), t['boxes'], atol=1e-3)
