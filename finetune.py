@@ -147,8 +147,9 @@ def build(args):
     try:  # Detector's defaults: a coarse cell per token, and a map at half its stride for what is under two cells
         model = Detector(backbone, len(CLASSES[args.classes]), args.head_dim, args.stride, obb=args.boxes == 'obb',
                          spatial_prior=args.spatial_prior, fine=args.fine)
-    except ValueError as e:
-        raise SystemExit(f'--stride {args.stride} / --fine {args.fine}: {e}')
+    except ValueError as e:  # name the flags that were given (an unset one took Detector's default)
+        given = [f'--{k} {v}' for k, v in (('stride', args.stride), ('fine', args.fine)) if v is not None]
+        raise SystemExit(f'{" ".join(given) or "the detector"}: {e}')
     args.stride, args.fine = model.stride, model.fine  # the checkpoint records what was built
     return model
 

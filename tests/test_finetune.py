@@ -184,6 +184,9 @@ def test_a_fine_level_trains_and_evaluate_rebuilds_it_from_the_checkpoint(tmp_pa
     with pytest.raises(SystemExit, match='needs stride >= 8'):  # no room for a map at stride 2: an error
         main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
               '--stride', '4', '--fine', '16', '--out', str(tmp_path / 'dec')])
+    with pytest.raises(SystemExit, match=r'^--stride 3: stride 3 must be the patch size 8'):  # --fine unset: unnamed
+        main(['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
+              '--stride', '3', '--out', str(tmp_path / 'dec')])
     model, ck = load_detector(tmp_path / 'ft' / 'last.pt', 'cpu')  # strict: every key of the fine level loads
     out = model.eval()(torch.zeros(1, 3, 32, 32))
     assert model.fine == 12 and out['logits'].shape[1] == 4 * 4 + 8 * 8
