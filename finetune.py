@@ -225,6 +225,9 @@ def main(argv=None):
         scaler.load_state_dict(ck['scaler'])
         step, start_epoch, start_batch, best = ck['step'], ck['epoch'], ck['batch'], ck['best']
         spent = ck.get('seconds', 0.0)  # the run's time so far: results.csv and --time count from its start
+        if args.time:  # the epochs the budget allowed when the checkpoint was written, not --epochs: same lr schedule
+            args.epochs = ck['args']['epochs']
+            total = args.epochs * steps_per_epoch
         runtime.set_rng_state(ck['rng'])
     fwd = DDP(model, device_ids=[device] if cuda else None) if ddp else model
     fwd = torch.compile(fwd) if args.compile else fwd

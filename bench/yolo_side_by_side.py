@@ -3,9 +3,10 @@
     python bench/yolo_side_by_side.py --minutes 30                 # ~70 minutes in all on 2 cores
     python bench/yolo_side_by_side.py --minutes 60 --out runs/yolo60
 
-YOLOv8n trains from scratch (yolov8n.yaml, no pretrained weights, imgsz 512, its default augmentation and schedule,
-`time=` minutes / 60), then the project's detector (`finetune.py --ckpt none --time`, the NWPU bench's scratch row
-otherwise: mini ViT/16, 512 px, batch 8, evaluated every 2 epochs), one after the other, never at the same time. Both
+The project's detector trains first (`finetune.py --ckpt none --time`, the NWPU bench's scratch row otherwise: mini
+ViT/16, 512 px, batch 8, evaluated every 2 epochs; killed, it resumes where it stopped when the script is run again,
+with the time already spent counted), then YOLOv8n from scratch (yolov8n.yaml, no pretrained weights, imgsz 512, its
+default augmentation and schedule, `time=` minutes / 60), one after the other, never at the same time. Both
 train on the 496 half-resolution train tiles of bench/nwpu.py (the boxes the project's data loader reads, written as
 YOLO label files) and both pick their best checkpoint on val, as each does by default. YOLOv8n's detections on the
 83 val tiles (conf 0.001, its usual 300 per tile) and the project's (evaluate.py's defaults) are scored by the same
@@ -114,23 +115,23 @@ def main():
     class_names = CLASSES['dota1.0']
     yolo_dataset(data, out / 'yolo', class_names)
 
-    # 1. YOLOv8n (alone on the machine)
+    # 1. the project's detector (alone on the machine); a killed run continues from OUT/project/last.pt
+    ft = out / 'project'
+    if not (ft / 'done.json').exists():
+        run(out / 'project.log', 'finetune.py', '--ckpt', 'none', '--model', 'mini', '--patch-size', 16, '--data',
+            data, '--device', 'cpu', '--workers', args.workers, '--seed', 0, '--epochs', 100, '--time', args.minutes,
+            '--img-size', 512, '--batch-size', 8, '--eval-every', 2, '--out', ft, '--resume', 'auto')
+        rows = (ft / 'results.csv').read_text().strip().splitlines()[1:]  # seconds: counted across a resume
+        (ft / 'done.json').write_text(json.dumps({'seconds': float(rows[-1].split(',')[1]), 'epochs': len(rows)}))
+    done = json.loads((ft / 'done.json').read_text())
+
+    # 2. YOLOv8n (then, alone on the machine too)
     if not (out / 'yolo' / 'info.json').exists():
         print(f'$ {py} -c <YOLO> {out / "yolo"} {args.minutes} {args.workers}', flush=True)
         with open(out / 'yolo.log', 'w') as log:
             subprocess.run([py, '-c', YOLO, str(out / 'yolo'), str(args.minutes), str(args.workers)], check=True,
                            stdout=log, stderr=subprocess.STDOUT, cwd=out / 'yolo')
     info = json.loads((out / 'yolo' / 'info.json').read_text())
-    # 2. the project's detector (then)
-    ft = out / 'project'
-    if not (ft / 'done.json').exists():
-        t0 = time.time()
-        run(out / 'project.log', 'finetune.py', '--ckpt', 'none', '--model', 'mini', '--patch-size', 16, '--data',
-            data, '--device', 'cpu', '--workers', args.workers, '--seed', 0, '--epochs', 100, '--time', args.minutes,
-            '--img-size', 512, '--batch-size', 8, '--eval-every', 2, '--out', ft)
-        epochs = len((ft / 'results.csv').read_text().strip().splitlines()) - 1
-        (ft / 'done.json').write_text(json.dumps({'seconds': time.time() - t0, 'epochs': epochs}))
-    done = json.loads((ft / 'done.json').read_text())
 
     # 3. both scored by the same code against the same targets
     model, ckpt = load_detector(ft / 'best.pt', torch.device('cpu'))

@@ -162,6 +162,24 @@ def test_time_budget_sets_the_epochs_from_the_time_per_epoch(tmp_path, capsys):
     assert torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)['epoch'] == 1
 
 
+def test_a_resumed_time_budgeted_run_keeps_the_epochs_the_budget_set(tmp_path, monkeypatch, capsys):
+    import runtime
+    from finetune import main
+    monkeypatch.setattr(runtime, 'epochs_in_budget', lambda *a: 3)  # the budget fits 3 epochs, whatever the clock
+    make_synthetic(tmp_path / 'synth', n_train=16, n_val=4, size=32, seed=0)
+    flags = ['--ckpt', 'none', '--model', 'test', '--patch-size', '8', '--data', str(tmp_path / 'synth'),
+             '--img-size', '32', '--batch-size', '4', '--epochs', '50', '--time', '60', '--warmup-epochs', '0',
+             '--eval-every', '3', '--head-dim', '32', '--workers', '0', '--device', 'cpu', '--lr', '1e-3']
+    main(flags + ['--out', str(tmp_path / 'full')])
+    main(flags + ['--out', str(tmp_path / 'part'), '--max-steps', '6'])  # killed inside epoch 2 (4 steps each)
+    main(flags + ['--out', str(tmp_path / 'part'), '--resume', 'auto'])
+    bars = capsys.readouterr().err  # tqdm's: all three runs
+    assert 'epoch 2/3' in bars and 'epoch 2/50' not in bars  # not 2/50: the lr schedule spans the budget's 3 epochs
+    a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True) for d in ('full', 'part'))
+    assert a['step'] == b['step'] == 12 and a['args']['epochs'] == b['args']['epochs'] == 3
+    assert all(torch.equal(a['model'][n], b['model'][n]) for n in a['model'])
+
+
 @pytest.mark.parametrize('flags,stride,fine', [(['--patch-size', '16'], 16, 32), (['--patch-size', '8'], 8, 16),
                                                (['--patch-size', '16', '--stride', '8'], 8, 16),
                                                (['--patch-size', '8', '--stride', '4'], 4, 0),
