@@ -76,6 +76,27 @@ def test_object_masks_hide_object_patches_no_more_often_than_random_ones_unless_
     assert hide_all['object-gt']['hidden_on_box'] > hide_all['random']['hidden_on_box']
 
 
+def test_pseudo_boxes_finds_what_the_box_files_cover_and_names_a_tile_without_truth(tmp_path, monkeypatch):
+    import pytest
+    from prepare import make_synthetic
+    monkeypatch.syspath_prepend(str(ROOT / 'bench'))
+    import pseudo_boxes
+    make_synthetic(tmp_path / 'src', n_train=4, n_val=1, size=64, seed=0)
+    truth, boxes = tmp_path / 'src' / 'train' / 'labelTxt', tmp_path / 'boxes'
+    boxes.mkdir()
+    lines = {f.name: [ln for ln in f.read_text().splitlines() if ln[:1].isdigit()] for f in truth.glob('*.txt')}
+    n = sum(map(len, lines.values()))
+    for name, rows in lines.items():  # the truth itself, less the first object of each tile, plus one box on nothing
+        (boxes / name).write_text('\n'.join(rows[1:] + ['0 0 1 0 1 1 0 1 plane 0']) + '\n')
+    res = pseudo_boxes.main(['--boxes', str(boxes), '--truth', str(truth)])
+    dropped = sum(1 for rows in lines.values() if rows)
+    assert res['found']['all'] == pytest.approx(((n - dropped) / n,) * 2)
+    assert res['boxes'] == n - dropped + len(lines) and res['on_object'] == pytest.approx((n - dropped) / res['boxes'])
+    (boxes / 'stray.txt').write_text('')
+    with pytest.raises(SystemExit, match='stray.txt: no truth'):
+        pseudo_boxes.main(['--boxes', str(boxes), '--truth', str(truth)])
+
+
 def test_yolo_side_by_side_without_ultralytics_says_how_to_install_it():
     p = subprocess.run([sys.executable, ROOT / 'bench' / 'yolo_side_by_side.py', '--yolo-python', 'no-such-python'],
                        capture_output=True, text=True, timeout=120)
