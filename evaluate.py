@@ -231,7 +231,8 @@ def as_polygons(d):
 
 def as_hbb(d):
     """Polygons (n, 8) -> their axis-aligned boxes (n, 4): how an oriented model is scored on task 2."""
-    b = np.asarray(d['boxes']).reshape(len(d['boxes']), -1, 2)
+    b = np.asarray(d['boxes'])
+    b = b.reshape(len(b), b.shape[-1] // 2, 2)  # (n, corners, 2); not -1: a tile with no box is (0, 8)
     return {**d, 'boxes': np.concatenate([b.min(1), b.max(1)], 1)} if b.shape[1] == 4 else d
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from evaluate import as_hbb  # noqa: E402
 from labels import CLASSES, parse_label_file  # noqa: E402
 from metrics import SIZE_BINS, box_iou, sqrt_area  # noqa: E402
 
 
 def hbb(polys):
     """(n, 8) polygons -> (n, 4) xyxy."""
-    xs, ys = polys[:, 0::2], polys[:, 1::2]
-    return np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1)
+    return as_hbb({'boxes': polys})['boxes']
 
 
 def main(argv=None):

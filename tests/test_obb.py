@@ -307,3 +307,11 @@ def test_merge_removes_oriented_duplicates_across_a_seam():
     merged = merge_tiles(tile)['A']
     assert len(merged['boxes']) == 1 and merged['scores'][0] == 0.9
     np.testing.assert_allclose(merged['boxes'][0], box)
+
+
+def test_as_hbb_takes_polygons_and_a_tile_without_any():
+    from evaluate import as_hbb
+    square = np.array([[2, 1, 6, 3, 4, 7, 0, 5]], np.float64)  # a turned square's corners
+    assert as_hbb({'boxes': square})['boxes'].tolist() == [[0, 1, 6, 7]]
+    assert as_hbb({'boxes': np.zeros((0, 8))})['boxes'].shape == (0, 4)  # it was a reshape error
+    assert as_hbb({'boxes': np.ones((2, 4))})['boxes'].shape == (2, 4)  # axis-aligned boxes pass unchanged
